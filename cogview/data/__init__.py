@@ -1,0 +1,1 @@
+"""Data: the shapes-zh renderer, pretokenization and WebDataset data modules."""

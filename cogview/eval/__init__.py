@@ -1,0 +1,1 @@
+"""Evaluation metrics: shapes-zh oracle, caption score, FID/IS, SR PSNR/SSIM."""
