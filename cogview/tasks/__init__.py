@@ -1,0 +1,1 @@
+"""LightningModules adapting the plain modules to training: one per task."""
