@@ -33,11 +33,12 @@ from cogview.visualize import comparison_grid, psnr  # noqa: E402
 TARGETS = {"psnr_db": 30.0, "codebook_usage": 0.5, "oracle_readback": 0.95}
 
 
-def train(minutes: float, run_dir: Path, extra: list[str]) -> float:
-    """Runs train.py task=vqvae for ``minutes`` of wall time; returns the seconds it took."""
+def train(minutes: float, steps: int, run_dir: Path, extra: list[str]) -> float:
+    """Runs train.py task=vqvae for ``steps`` steps or ``minutes`` of wall time, whichever
+    ends first (the LR schedule decays over ``steps``); returns the seconds it took."""
     budget = f"00:00:{int(minutes):02d}:{int(round((minutes % 1) * 60)):02d}"
     command = [sys.executable, "train.py", "task=vqvae", f"hydra.run.dir={run_dir}",
-               f"trainer.max_time={budget}", "trainer.max_steps=-1", *extra]
+               f"trainer.max_time={budget}", f"trainer.max_steps={steps}", *extra]
     print("running:", " ".join(command), flush=True)
     start = time.perf_counter()
     subprocess.run(command, cwd=ROOT, check=True)
@@ -87,6 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", help="exported VQ-VAE directory (skip training)")
     parser.add_argument("--minutes", type=float, default=10.0, help="training wall-time budget")
+    parser.add_argument("--steps", type=int, default=3000, help="training steps (schedule length)")
     parser.add_argument("--run-dir", default=str(ROOT / "outputs" / "bench_vqvae"))
     parser.add_argument("--n", type=int, default=500, help="held-out images to evaluate")
     parser.add_argument("--size", type=int, default=64)
@@ -100,8 +102,9 @@ def main() -> None:
     ckpt = args.ckpt
     if ckpt is None:
         run_dir = Path(args.run_dir)
-        result["train_wall_seconds"] = train(args.minutes, run_dir, args.overrides)
-        result["train_command"] = (f"python train.py task=vqvae trainer.max_time=<{args.minutes} min> "
+        result["train_wall_seconds"] = train(args.minutes, args.steps, run_dir, args.overrides)
+        result["train_command"] = (f"python train.py task=vqvae trainer.max_steps={args.steps} "
+                                   f"trainer.max_time=<{args.minutes} min> "
                                    + " ".join(args.overrides)).strip()
         ckpt = run_dir / "vqvae"
     model = VQVAE.from_pretrained(ckpt).eval()
