@@ -4,3 +4,31 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
+
+
+def make_vqvae(directory, num_codes: int = 64):
+    """A small random VQ-VAE saved to ``directory`` (fast to run in tests)."""
+    import torch
+
+    from cogview.modules.vqvae import VQVAE, VQVAEConfig
+
+    torch.manual_seed(0)
+    config = VQVAEConfig.preset("tiny", channels=(16, 32, 32), res_channels=16, code_dim=16,
+                                num_codes=num_codes, num_res_blocks=1)
+    VQVAE(config).save_pretrained(directory)
+    return directory
+
+
+def make_token_shards(vqvae_dir, out, n: int = 64, size: int = 64, sr: bool = False,
+                      shard_size: int = 32, split: str = "train"):
+    """Pretokenized shapes-zh shards (the real pretokenizer) in ``out``."""
+    from hydra import compose, initialize_config_dir
+
+    from cogview.data.pretokenize import pretokenize
+
+    overrides = [f"vqvae_dir={vqvae_dir}", f"out={out}", "progress=false", "num_workers=0",
+                 "source.kind=shapes", f"source.shapes.length={n}", f"source.shapes.split={split}",
+                 f"size={size}", f"sr={str(sr).lower()}", f"shard_size={shard_size}"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        pretokenize(compose(config_name="pretokenize", overrides=overrides))
+    return out

@@ -44,7 +44,7 @@ def test_train_py_trains_and_exports_a_vqvae(tmp_path):
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_vqvae_fast_dev_run_per_precision(tmp_path, precision):
-    cfg = compose_train([f"precision={precision}", "trainer.fast_dev_run=true",
+    cfg = compose_train(["task=vqvae", f"precision={precision}", "trainer.fast_dev_run=true",
                          "data.batch_size=4", "data.num_workers=0", "logger=none",
                          f"output_dir={tmp_path}", *[f"task.{o}" for o in FAST]])
     metrics = train(cfg)

@@ -1,0 +1,43 @@
+"""task=caption: image-to-text, ``[BASE] [BOI1] image [EOI1] [ROI1] text``."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from cogview.tasks.sequence import SequenceTask
+from cogview.tokenization.layouts import extract_image_codes
+from cogview.visualize import image_grid
+
+
+class CaptionTask(SequenceTask):
+    """Captioning; fine-tune it from a t2i checkpoint with ``task.init_from=...``."""
+
+    layout_name = "caption"
+
+    @torch.no_grad()
+    def log_samples(self, batch: dict) -> None:
+        from cogview.generation import generate_captions
+
+        rows = batch["input_ids"][:4].cpu()
+        codes = [extract_image_codes(self.vocab, row) for row in rows]
+        was_training = self.model.training
+        self.model.eval()
+        captions = generate_captions(self.model, self.vocab, codes,
+                                     max_len=self.hparams.max_text_len,
+                                     seeds=list(range(len(codes))), greedy=True)
+        self.model.train(was_training)
+        texts = [self.text_tokenizer.decode(ids) for ids in captions]
+        side = int(round(codes[0].numel() ** 0.5))
+        images = self.image_tokenizer.decode(torch.stack(codes).view(-1, side, side))
+        self.save_picture(image_grid(images, columns=len(texts), scale=2), "caption")
+        references = batch.get("caption", [None] * len(texts))[: len(texts)]
+        rows_out = [{"generated": t, "reference": r} for t, r in zip(texts, references)]
+        if self.sample_dir is not None:
+            (self.sample_dir / f"caption_step{self.global_step:06d}.json").write_text(
+                json.dumps(rows_out, ensure_ascii=False, indent=1))
+        log_text = getattr(self.logger, "log_text", None)
+        if log_text is not None:
+            log_text(key="samples/captions", columns=["generated", "reference"],
+                     data=[[r["generated"], r["reference"]] for r in rows_out], step=self.global_step)

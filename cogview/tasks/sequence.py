@@ -1,0 +1,219 @@
+"""t2i, caption and sr: one LightningModule base over the shared CogView backbone.
+
+Each task supplies only its layout name and its periodic-sample hook; the loss, the
+optimiser, ``init_from`` and the export are shared.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from cogview.modules.transformer import CogViewTransformer, TransformerConfig
+from cogview.tasks.optim import build_optimizer
+from cogview.tokenization import build_text_tokenizer, load_text_tokenizer
+from cogview.tokenization.vocab import CogViewVocab
+
+log = logging.getLogger(__name__)
+EXPORT_CONFIG = "cogview.json"
+
+
+def build_tokenizer(settings: dict[str, Any]):
+    """A text tokenizer from ``{kind, model_file}`` or ``{dir}`` settings."""
+    settings = dict(settings or {"kind": "char"})
+    if settings.get("dir"):
+        return load_text_tokenizer(settings["dir"])
+    return build_text_tokenizer(settings.get("kind", "char"), settings.get("model_file"))
+
+
+def read_num_codes(vqvae_dir: str | Path) -> int:
+    """The codebook size recorded in a VQ-VAE directory's config.json."""
+    path = Path(vqvae_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: vqvae_dir must be a VQ-VAE export (python train.py task=vqvae "
+            "writes one to <run>/vqvae)"
+        )
+    return int(json.loads(path.read_text())["num_codes"])
+
+
+def checkpoint_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
+    """Transformer weights from a Lightning checkpoint or an export directory."""
+    source = Path(source)
+    if source.is_dir():
+        from safetensors.torch import load_file
+
+        weights = source / "model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"init_from={source}: no model.safetensors in that directory")
+        return load_file(str(weights))
+    if not source.is_file():
+        raise FileNotFoundError(f"init_from={source}: no such checkpoint file or export directory")
+    state = torch.load(source, map_location="cpu", weights_only=True)["state_dict"]
+    return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+
+
+def load_matching(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Loads ``state`` into ``model``; every missing, unexpected or mis-shaped key is an error."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        lines = [f"init_from={source} does not fit this model:"]
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                             ("shape mismatches", mismatched)):
+            if items:
+                shown = ", ".join(items[:10]) + (f" ... (+{len(items) - 10})" if len(items) > 10 else "")
+                lines.append(f"  {title} ({len(items)}): {shown}")
+        lines.append("  use the same model preset, tokenizers and VQ-VAE as the source run")
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(state)
+
+
+class SequenceTask(L.LightningModule):
+    """Next-token training of the backbone on one task's layout.
+
+    Loss: cross entropy on the layout's targets; a target predicted from a text position is
+    weighted by ``txt_loss_scale`` (CogView keyed the weight on input positions and used 1
+    to 5). Image and text losses are logged separately. Steps with a non-finite loss are
+    handled by the NaN monitor callback.
+    """
+
+    layout_name = "t2i"
+
+    def __init__(self, model: dict, vqvae_dir: str, tokenizer: dict | None = None,
+                 lr: float = 3e-4, weight_decay: float = 0.1, betas=(0.9, 0.95),
+                 warmup_steps: int = 100, min_lr_ratio: float = 0.1, txt_loss_scale: float = 1.0,
+                 init_from: str | None = None, sample_every_n_steps: int = 0,
+                 sample_dir: str | None = None, max_text_len: int = 64,
+                 caption_dropout: float = 0.0, sample_prompts: list[str] | None = None,
+                 sample_seed: int = 0, sample_top_k: int = 200, sample_temperature: float = 1.0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.text_tokenizer = build_tokenizer(tokenizer)
+        self.vocab = CogViewVocab.for_tokenizer(self.text_tokenizer, read_num_codes(vqvae_dir))
+        settings = {k: v for k, v in dict(model).items() if k != "name"}
+        settings["vocab_size"] = self.vocab.size
+        self.model = CogViewTransformer(TransformerConfig.from_dict(settings))
+        if init_from:
+            load_matching(self.model, checkpoint_state_dict(init_from), init_from)
+            log.info("initialised the %s model from %s", self.layout_name, init_from)
+        self.sample_dir = Path(sample_dir) if sample_dir else None
+        self._image_tokenizer = None
+
+    # ------------------------------------------------------------------ data
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        data_vocab = getattr(datamodule, "vocab", None)
+        if data_vocab is not None and data_vocab != self.vocab:
+            raise ValueError(
+                f"the data's vocabulary ({data_vocab.num_image_codes} codes, "
+                f"{data_vocab.text_vocab_size} text ids) differs from the model's "
+                f"({self.vocab.num_image_codes} codes, {self.vocab.text_vocab_size} text ids): "
+                "give data and task the same tokenizer and vqvae_dir"
+            )
+        layout = getattr(datamodule, "layout", self.layout_name)
+        if layout != self.layout_name:
+            raise ValueError(f"data.layout={layout!r} but the task is {self.layout_name!r}")
+
+    # ------------------------------------------------------------------ loss
+    def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Weighted next-token loss and its image / text parts."""
+        input_ids = batch["input_ids"]  # (B, T)
+        logits = self.model(input_ids[:, :-1], batch["position_ids"][:, :-1],
+                            batch["attention_mask"][:, :-1])  # (B, T-1, V)
+        targets = input_ids[:, 1:]
+        target_mask = batch["loss_mask"][:, 1:].bool()
+        token_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                     reduction="none").view_as(targets)  # (B, T-1)
+        weights = torch.where(batch["text_mask"][:, :-1].bool(),
+                              self.hparams.txt_loss_scale, 1.0) * target_mask
+        loss = (token_loss * weights).sum() / weights.sum().clamp_min(1.0)
+        text_lo, text_hi = self.vocab.text_range
+        is_image = targets < self.vocab.num_image_codes
+        is_text = (targets >= text_lo) & (targets < text_hi)
+        parts = {}  # command-token targets ([BOI1], [EOI1], ...) count only in the total
+        for name, mask in (("image", target_mask & is_image), ("text", target_mask & is_text)):
+            if mask.any():
+                parts[f"{name}_loss"] = token_loss[mask].mean().detach()
+        return {"loss": loss, **parts}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        batch = self.maybe_drop_captions(batch)
+        out = self.losses(batch)
+        size = batch["input_ids"].shape[0]
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=size)
+        for name in ("image_loss", "text_loss"):
+            if name in out:
+                self.log(f"train/{name}", out[name], batch_size=size)
+        return out["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        out = self.losses(batch)
+        size = batch["input_ids"].shape[0]
+        self.log("val/loss", out["loss"], prog_bar=True, batch_size=size, sync_dist=True)
+        for name in ("image_loss", "text_loss"):
+            if name in out:
+                self.log(f"val/{name}", out[name], batch_size=size, sync_dist=True)
+
+    def maybe_drop_captions(self, batch: dict) -> dict:
+        """t2i only: see ``T2ITask``."""
+        return batch
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        return build_optimizer(self.model, hp.lr, hp.weight_decay, hp.betas, hp.warmup_steps,
+                               self.trainer.estimated_stepping_batches, hp.min_lr_ratio)
+
+    # --------------------------------------------------------------- samples
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        every = self.hparams.sample_every_n_steps
+        if every and self.global_step % every == 0 and self.trainer.is_global_zero:
+            self.log_samples(batch)
+
+    def log_samples(self, batch: dict) -> None:
+        """Task hook: generate a few samples and save/log them as pictures."""
+
+    @property
+    def image_tokenizer(self):
+        """The VQ-VAE (loaded on first use, for decoding periodic samples)."""
+        if self._image_tokenizer is None:
+            from cogview.modules.vqvae import VQVAE
+
+            self._image_tokenizer = VQVAE.from_pretrained(self.hparams.vqvae_dir).eval()
+        return self._image_tokenizer
+
+    def save_picture(self, picture, name: str) -> None:
+        """Writes a picture into sample_dir and to the logger when it takes images."""
+        if self.sample_dir is not None:
+            self.sample_dir.mkdir(parents=True, exist_ok=True)
+            picture.save(self.sample_dir / f"{name}_step{self.global_step:06d}.png")
+        log_image = getattr(self.logger, "log_image", None)
+        if log_image is not None:
+            log_image(key=f"samples/{name}", images=[picture], step=self.global_step)
+
+    # ---------------------------------------------------------------- export
+    def export(self, directory: str | Path) -> Path:
+        """A self-contained inference directory: weights + config, text tokenizer files,
+        a copy of the image tokenizer and ``cogview.json`` (task, vocabulary, layout)."""
+        directory = Path(directory)
+        self.model.save_pretrained(directory)
+        self.text_tokenizer.save(directory / "text_tokenizer")
+        vqvae_copy = directory / "vqvae"
+        if vqvae_copy.exists():
+            shutil.rmtree(vqvae_copy)
+        shutil.copytree(self.hparams.vqvae_dir, vqvae_copy)
+        info = {"task": self.layout_name, "vocab": self.vocab.to_dict(),
+                "max_text_len": self.hparams.max_text_len,
+                "text_tokenizer": "text_tokenizer", "image_tokenizer": "vqvae"}
+        (directory / EXPORT_CONFIG).write_text(json.dumps(info, indent=2, ensure_ascii=False))
+        return directory

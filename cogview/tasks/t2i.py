@@ -1,0 +1,64 @@
+"""task=t2i: text-to-image, ``[ROI1] text [BASE] [BOI1] image [EOI1]``."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from cogview.tasks.sequence import SequenceTask
+from cogview.visualize import image_grid
+
+
+def drop_text(batch: dict[str, torch.Tensor], rows: torch.Tensor, text_mask_key: str = "text_mask"
+              ) -> dict[str, torch.Tensor]:
+    """Turns ``rows`` of a t2i batch into empty-caption sequences.
+
+    The text tokens are hidden from attention and the positions after them are compacted,
+    which is what the layout with an empty text span gives; targets predicted from a
+    hidden token are dropped from the loss.
+    """
+    text = batch[text_mask_key].bool() & rows[:, None]  # (B, T)
+    attention = batch["attention_mask"].bool() & ~text
+    positions = (attention.long().cumsum(-1) - 1).clamp_min(0)
+    loss_mask = batch["loss_mask"].bool() & ~text
+    loss_mask[:, 1:] &= ~text[:, :-1]  # a target predicted from a hidden text position
+    return {**batch, "attention_mask": attention, "position_ids": positions, "loss_mask": loss_mask}
+
+
+class T2ITask(SequenceTask):
+    """Text-to-image; ``caption_dropout`` empties the caption of that fraction of samples so
+    classifier-free guidance can be used at inference."""
+
+    layout_name = "t2i"
+
+    def maybe_drop_captions(self, batch: dict) -> dict:
+        p = self.hparams.caption_dropout
+        if not p or not self.training:
+            return batch
+        rows = torch.rand(batch["input_ids"].shape[0], device=batch["input_ids"].device) < p
+        return drop_text(batch, rows) if rows.any() else batch
+
+    @torch.no_grad()
+    def log_samples(self, batch: dict) -> None:
+        from cogview.data.shapes import eval_prompts
+        from cogview.generation import generate_images
+
+        prompts = list(self.hparams.sample_prompts or [])
+        if not prompts:
+            prompts = [p["prompt"] for kind in ("seen", "heldout", "two")
+                       for p in eval_prompts(kind, 2, seed=self.hparams.sample_seed)]
+        image_tokens = int((batch["input_ids"][0] < self.vocab.num_image_codes).sum())
+        side = int(round(image_tokens ** 0.5))
+        was_training = self.model.training
+        self.model.eval()
+        codes = generate_images(
+            self.model, self.vocab, [self.text_tokenizer.encode(p) for p in prompts],
+            image_tokens=image_tokens, seeds=list(range(len(prompts))),
+            top_k=self.hparams.sample_top_k, temperature=self.hparams.sample_temperature)
+        self.model.train(was_training)
+        images = self.image_tokenizer.decode(codes.view(-1, side, side).cpu())
+        self.save_picture(image_grid(images, columns=len(prompts), scale=2), "t2i")
+        if self.sample_dir is not None:
+            (self.sample_dir / f"t2i_step{self.global_step:06d}.json").write_text(
+                json.dumps({"prompts": prompts}, ensure_ascii=False))

@@ -1,0 +1,118 @@
+"""t2i, caption and sr tasks composed by Hydra: fast_dev_run, init_from, caption dropout, export."""
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from cogview.modules.transformer import CogViewTransformer
+from cogview.tasks.sequence import SequenceTask
+from cogview.tasks.t2i import drop_text
+from cogview.tokenization.layouts import collate_layouts, t2i_layout
+from cogview.training import register_resolvers, train
+from tests.helpers import CONF_DIR, make_token_shards, make_vqvae
+
+TINY_MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=2"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    vqvae = make_vqvae(root / "vqvae")
+    return {"vqvae": vqvae,
+            "t2i": make_token_shards(vqvae, root / "shards64", n=48, size=64, shard_size=16),
+            "sr": make_token_shards(vqvae, root / "shards128", n=24, size=128, sr=True,
+                                    shard_size=8)}
+
+
+def compose_train(overrides):
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return compose(config_name="train", overrides=overrides)
+
+
+def task_overrides(assets, task, tmp_path, *extra):
+    shards = assets["sr"] if task == "sr" else assets["t2i"]
+    return [f"task={task}", f"vqvae_dir={assets['vqvae']}", f"data.train_shards={shards}",
+            "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8",
+            f"output_dir={tmp_path}", "logger=csv", "task.sample_every_n_steps=0",
+            *TINY_MODEL, *extra]
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("task", ["t2i", "caption", "sr"])
+def test_fast_dev_run_each_task_and_precision(assets, tmp_path, task, precision):
+    cfg = compose_train(task_overrides(assets, task, tmp_path, f"precision={precision}",
+                                       "trainer.fast_dev_run=true"))
+    metrics = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert ("train/image_loss" in metrics) == (task != "caption")  # caption targets text only
+    assert ("train/text_loss" in metrics) == (task != "sr")  # sr targets image tokens only
+    model = CogViewTransformer.from_pretrained(tmp_path / "export")
+    assert model.config.num_layers == 2
+    assert (tmp_path / "export" / "vqvae" / "model.safetensors").is_file()
+    assert (tmp_path / "export" / "text_tokenizer" / "tokenizer.json").is_file()
+
+
+def test_caption_initialised_from_t2i_and_mismatch_error(assets, tmp_path):
+    t2i = compose_train(task_overrides(assets, "t2i", tmp_path / "t2i", "trainer.max_steps=2",
+                                       "trainer.val_check_interval=2"))
+    train(t2i)
+    source = tmp_path / "t2i" / "export"
+    caption = compose_train(task_overrides(assets, "caption", tmp_path / "cap",
+                                           f"task.init_from={source}", "trainer.fast_dev_run=true"))
+    task = train_task_only(caption)
+    reference = CogViewTransformer.from_pretrained(source)
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(task.model.state_dict()[name], value)
+    wider = compose_train(task_overrides(assets, "caption", tmp_path / "bad",
+                                         f"task.init_from={source}", "model.hidden_size=32"))
+    expected = r"shape mismatches \(36\): final_layernorm.bias: checkpoint \(64,\) vs model \(32,\)"
+    with pytest.raises(ValueError, match=expected):
+        train_task_only(wider)
+    checkpoint = next((tmp_path / "t2i" / "checkpoints").glob("*.ckpt"))
+    from_ckpt = compose_train(task_overrides(assets, "caption", tmp_path / "ck",
+                                             f"task.init_from={checkpoint}"))
+    assert train_task_only(from_ckpt).model.num_parameters() == reference.num_parameters()
+
+
+def train_task_only(cfg):
+    from cogview.training import build_task
+
+    return build_task(cfg)
+
+
+def test_dropped_caption_equals_the_empty_caption_layout(assets, tmp_path):
+    """Caption dropout in batch form gives exactly the empty-text sequence's image logits."""
+    cfg = compose_train(["task=t2i", f"vqvae_dir={assets['vqvae']}", "data.train_shards=x",
+                         f"output_dir={tmp_path}", *TINY_MODEL])
+    from cogview.training import build_task
+
+    task: SequenceTask = build_task(cfg).eval()
+    vocab, text = task.vocab, task.text_tokenizer.encode("左上角有一个大的红色圆形")
+    codes = torch.arange(16) % vocab.num_image_codes
+    full = collate_layouts([t2i_layout(vocab, text, codes)], vocab.pad_id)
+    empty = collate_layouts([t2i_layout(vocab, [], codes, allow_empty_text=True)], vocab.pad_id)
+    dropped = drop_text(full, torch.tensor([True]))
+    image_logits = {}
+    for name, batch in (("dropped", dropped), ("empty", empty)):
+        logits = task.model(batch["input_ids"], batch["position_ids"], batch["attention_mask"])
+        image_logits[name] = logits[0, batch["attention_mask"][0]][-18:]
+    torch.testing.assert_close(image_logits["dropped"], image_logits["empty"], atol=1e-5, rtol=0)
+    assert dropped["loss_mask"][0].sum() == empty["loss_mask"][0].sum() - 1  # [BASE] after text
+
+
+def test_text_loss_scale_weights_text_targets(assets, tmp_path):
+    cfg = compose_train(["task=caption", f"vqvae_dir={assets['vqvae']}", "data.train_shards=x",
+                         f"output_dir={tmp_path}", *TINY_MODEL])
+    from cogview.training import build_task
+
+    task = build_task(cfg)
+    vocab = task.vocab
+    layout = t2i_layout(vocab, task.text_tokenizer.encode("中间有一个小的蓝色菱形"),
+                        torch.arange(16) % vocab.num_image_codes)
+    batch = collate_layouts([layout], vocab.pad_id)
+    plain = task.losses(batch)
+    task.hparams.txt_loss_scale = 5.0
+    scaled = task.losses(batch)
+    torch.testing.assert_close(scaled["text_loss"], plain["text_loss"])
+    assert not torch.isclose(scaled["loss"], plain["loss"])
