@@ -66,3 +66,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("run directory: %s", cfg.output_dir)
         log.info("final metrics: %s", summary)
     return metrics
+
+
+def fsdp_strategy(**kwargs):
+    """Lightning's FSDPStrategy wrapping each transformer block in its own FSDP unit."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from cogview.modules.transformer import Block
+
+    return FSDPStrategy(auto_wrap_policy={Block}, **kwargs)

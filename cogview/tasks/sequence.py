@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from cogview.modules.transformer import CogViewTransformer, TransformerConfig
+from cogview.export import TASK_KEY, task_class_path
 from cogview.tasks.optim import build_optimizer
 from cogview.tokenization import build_text_tokenizer, load_text_tokenizer
 from cogview.tokenization.vocab import CogViewVocab
@@ -168,6 +169,9 @@ class SequenceTask(L.LightningModule):
     def maybe_drop_captions(self, batch: dict) -> dict:
         """t2i only: see ``T2ITask``."""
         return batch
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[TASK_KEY] = task_class_path(self)  # lets cogview.export rebuild the task
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -8,6 +8,7 @@ import lightning as L
 import torch
 
 from cogview.modules.vqvae import VQVAE, VQVAEConfig
+from cogview.export import TASK_KEY, task_class_path
 from cogview.tasks.optim import build_optimizer
 from cogview.visualize import comparison_grid, psnr
 
@@ -74,6 +75,9 @@ class VQVAETask(L.LightningModule):
         log_image = getattr(self.logger, "log_image", None)
         if log_image is not None and not self.trainer.sanity_checking:
             log_image(key="val/reconstructions", images=[picture], step=self.global_step)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[TASK_KEY] = task_class_path(self)  # lets cogview.export rebuild the task
 
     def configure_optimizers(self):
         hp = self.hparams

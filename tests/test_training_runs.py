@@ -1,0 +1,92 @@
+"""Whole train.py runs: multirun, resume after SIGKILL, export from a checkpoint."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from cogview.export import export_checkpoint
+from cogview.modules.transformer import CogViewTransformer
+from tests.helpers import ROOT, make_token_shards, make_vqvae
+
+TINY_MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=2"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run-assets")
+    vqvae = make_vqvae(root / "vqvae")
+    return {"vqvae": vqvae,
+            "shards": make_token_shards(vqvae, root / "shards", n=64, size=64, shard_size=16)}
+
+
+def base_command(assets, *extra):
+    return [sys.executable, "train.py", "task=t2i", f"vqvae_dir={assets['vqvae']}",
+            f"data.train_shards={assets['shards']}", "data.batch_size=4", "data.num_workers=0",
+            "data.shuffle_buffer=8", "logger=csv", "task.sample_every_n_steps=0",
+            "precision=32-true", "trainer.enable_progress_bar=false", *TINY_MODEL, *extra]
+
+
+def read_losses(run_dir):
+    with open(run_dir / "logs" / "metrics.csv") as handle:
+        return [(int(row["step"]), float(row["train/loss"])) for row in csv.DictReader(handle)
+                if row.get("train/loss")]
+
+
+def test_multirun_runs_each_job_in_its_own_directory(assets, tmp_path):
+    command = base_command(assets, "model.sandwich_ln=true,false", "trainer.max_steps=2",
+                           "trainer.val_check_interval=2", f"hydra.sweep.dir={tmp_path}")
+    command.insert(2, "-m")
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    configs = [CogViewTransformer.from_pretrained(tmp_path / str(job) / "export").config
+               for job in (0, 1)]
+    assert [c.sandwich_ln for c in configs] == [True, False]
+
+
+def test_sigkill_then_resume_from_last(assets, tmp_path):
+    run = tmp_path / "run"
+    command = base_command(assets, f"hydra.run.dir={run}", "trainer.max_steps=30",
+                           "trainer.val_check_interval=10", "trainer.log_every_n_steps=1",
+                           "callbacks.checkpoint.every_n_train_steps=5", "task.lr=3e-3",
+                           "task.warmup_steps=0")
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((run / "checkpoints").glob("*step=15*.ckpt")):
+        assert process.poll() is None, "training ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    assert 15 <= killed_at < 30
+    before = read_losses(run)
+
+    resumed = subprocess.run([*command, "ckpt_path=last"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 30
+    after = [(step, loss) for step, loss in read_losses(run) if step >= killed_at]
+    initial = sum(loss for _, loss in before[:3]) / 3
+    continued = sum(loss for _, loss in after[:3]) / 3
+    assert after and continued < initial - 0.5, (initial, continued)  # no reset to the start
+
+
+def test_export_any_checkpoint(assets, tmp_path):
+    run = tmp_path / "run"
+    command = base_command(assets, f"hydra.run.dir={run}", "trainer.max_steps=3",
+                           "trainer.val_check_interval=3")
+    assert subprocess.run(command, cwd=ROOT, capture_output=True, timeout=600).returncode == 0
+    out = export_checkpoint(run / "checkpoints" / "last.ckpt", tmp_path / "exported")
+    exported = CogViewTransformer.from_pretrained(out)
+    reference = CogViewTransformer.from_pretrained(run / "export")
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(exported.state_dict()[name], value)
+    cli = subprocess.run([sys.executable, "-m", "cogview.export", "ckpt=missing.ckpt", "out=x"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert cli.returncode != 0 and "missing.ckpt: no such checkpoint" in cli.stderr
