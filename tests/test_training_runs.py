@@ -90,3 +90,16 @@ def test_export_any_checkpoint(assets, tmp_path):
     cli = subprocess.run([sys.executable, "-m", "cogview.export", "ckpt=missing.ckpt", "out=x"],
                          cwd=ROOT, capture_output=True, text=True)
     assert cli.returncode != 0 and "missing.ckpt: no such checkpoint" in cli.stderr
+
+
+@pytest.mark.distributed
+def test_ddp_cpu_two_processes_over_gloo(assets, tmp_path):
+    run = tmp_path / "ddp"
+    command = base_command(assets, "trainer=ddp_cpu", f"hydra.run.dir={run}",
+                           "trainer.max_steps=4", "trainer.val_check_interval=2")
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "world_size: 2" in result.stderr or "Initializing distributed: GLOBAL_RANK: 1" in result.stderr
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 4
+    CogViewTransformer.from_pretrained(run / "export")
