@@ -1,0 +1,443 @@
+"""Autoregressive sampling from a CogViewTransformer: span-restricted, KV-cached, seeded per sample.
+
+Plain functions that drive the model (which owns its preallocated KV cache):
+
+    sample_logits       logits [B, V'] -> indices [B]  (temperature, top-k, top-p, greedy)
+    generate_span       prompts -> the next `num_tokens` vocabulary ids of one image or text span
+    generate_images     t2i:     text ids -> image codes
+    generate_captions   caption: image codes -> text ids
+    generate_sr         sr:      text ids + low-res codes -> high-res codes
+
+Span rule: inside an image span only image ids can be drawn and inside a text span only text
+ids (plus optional stop ids such as [SEP]), so logits are computed only for that slice of the
+tied embedding, never for the whole vocabulary.
+
+Per-sample seeding: every row draws from its own torch.Generator seeded with the row's seed,
+so a sample depends only on (its seed, its prompt), not on the batch it ran in or its row.
+
+Classifier-free guidance stacks the conditional and the unconditional prompts (the same
+layout with the text span removed) into one batch of 2B rows and mixes their logits:
+``uncond + cfg_scale * (cond - uncond)``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from cogview.tokenization.layouts import (
+    Layout,
+    caption_prompt,
+    collate_layouts,
+    sr_prompt,
+    t2i_prompt,
+)
+from cogview.tokenization.vocab import CogViewVocab
+
+SPAN_KINDS = ("image", "text")
+PromptBatch = dict[str, torch.Tensor]  # input_ids, position_ids, attention_mask: [N, L]
+
+
+# ------------------------------------------------------------------------------------------------
+# one token from logits
+
+
+def check_sampling_args(temperature: float, top_k: int | None, top_p: float) -> None:
+    """Raise ValueError naming a bad temperature, top_k or top_p."""
+    if not temperature >= 0:  # also refuses NaN
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 means greedy argmax)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k={top_k!r} must be a non-negative int (0 or None: no top-k)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} must lie in (0, 1] (1 means no nucleus filtering)")
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None,
+                  top_p: float = 1.0) -> torch.Tensor:
+    """Sets to -inf every logit outside the top-k and outside the top-p nucleus, row by row.
+
+    logits [B, V']; top_k is capped by V' (0/None: off); top_p=1: off. The most likely id of
+    each row always survives.
+    """
+    vocab_size = logits.shape[-1]
+    if top_k and top_k < vocab_size:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V')
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of better-ranked ids
+        drop_sorted = mass_above >= top_p  # keep the smallest prefix whose mass reaches top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = 200,
+                  top_p: float = 1.0, generator=None, greedy: bool = False) -> torch.Tensor:
+    """Draws one index per row of logits [B, V'] -> LongTensor [B] in [0, V').
+
+    temperature 0 or ``greedy=True``: argmax. ``generator``: None (global RNG), one
+    torch.Generator for the whole batch, or a sequence of B generators, one per row; the
+    last makes each row's draw depend only on its own logits and generator.
+    """
+    check_sampling_args(temperature, top_k, top_p)
+    if logits.dim() != 2:
+        raise ValueError(f"logits must have shape [B, V'], got {tuple(logits.shape)}")
+    if greedy or temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    probs = torch.softmax(logits, dim=-1)  # (B, V') in fp32
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    generators = list(generator)
+    if len(generators) != probs.shape[0]:
+        raise ValueError(f"got {len(generators)} generators for {probs.shape[0]} rows of logits; "
+                         "pass one generator per row")
+    # One uniform number per row from the row's own generator, whatever else is in the batch,
+    # then inverse-CDF lookup (cheaper than a multinomial per row, which draws V' numbers).
+    uniform = torch.cat([torch.rand(1, generator=gen, device=probs.device)
+                         for gen in generators])  # (B,) in [0, 1)
+    cdf = probs.cumsum(dim=-1)  # (B, V')
+    target = (uniform * cdf[:, -1]).unsqueeze(1)  # (B, 1)
+    # right=True: the first id whose cdf exceeds the target, so ids of zero probability never win
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_max(probs.shape[1] - 1)
+
+
+def row_generators(seeds: Sequence[int],
+                   device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One torch.Generator per sample, seeded with that sample's seed."""
+    generators = []
+    for seed in seeds:
+        if isinstance(seed, torch.Tensor):
+            seed = int(seed)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed {seed!r} is not an int; pass one int seed per prompt")
+        generators.append(torch.Generator(device=device).manual_seed(seed))
+    return generators
+
+
+# ------------------------------------------------------------------------------------------------
+# prompts
+
+
+def unconditional_prompt(prompt: Layout) -> Layout:
+    """The same prompt with its text spans removed: the unconditional input of CFG.
+
+    For t2i and sr prompts this is exactly what ``t2i_prompt`` / ``sr_prompt`` build from an
+    empty caption (``allow_empty_text=True``), i.e. what caption dropout trains on.
+    """
+    keep = torch.ones(len(prompt), dtype=torch.bool)
+    for start, end, kind in prompt.spans:
+        if kind == "text":
+            keep[start:end] = False
+    if bool(keep.all()):
+        raise ValueError(f"a {prompt.task} prompt without a text span has nothing to drop for "
+                         "classifier-free guidance; use cfg_scale=1 or pass uncond_prompts")
+    kept_before = torch.cat([torch.zeros(1, dtype=torch.long), keep.long().cumsum(0)])  # (T+1,)
+    spans = [(int(kept_before[s]), int(kept_before[s]) + e - s, k)
+             for s, e, k in prompt.spans if k != "text"]
+    input_ids = prompt.input_ids[keep]
+    length = input_ids.numel()
+    return Layout(task=prompt.task, input_ids=input_ids, position_ids=torch.arange(length),
+                  loss_mask=torch.zeros(length, dtype=torch.bool),
+                  text_mask=torch.zeros(length, dtype=torch.bool), spans=spans,
+                  next_kind=prompt.next_kind)
+
+
+def _prompt_batch(prompts, vocab: CogViewVocab, what: str) -> PromptBatch:
+    """Layouts or an already collated batch -> left-padded input_ids/position_ids/attention_mask."""
+    if isinstance(prompts, dict):
+        if "input_ids" not in prompts or "attention_mask" not in prompts:
+            raise ValueError(f"{what}: a collated batch needs 'input_ids' and 'attention_mask'; "
+                             f"got keys {sorted(prompts)}")
+        input_ids = torch.as_tensor(prompts["input_ids"]).long()
+        mask = torch.as_tensor(prompts["attention_mask"]).bool()
+        if input_ids.dim() != 2 or input_ids.shape != mask.shape or input_ids.shape[0] == 0:
+            raise ValueError(f"{what}: input_ids {tuple(input_ids.shape)} and attention_mask "
+                             f"{tuple(mask.shape)} must both be [B, L] with B >= 1")
+        if not bool(mask[:, -1].all()) or bool((mask[:, 1:].long() < mask[:, :-1].long()).any()):
+            raise ValueError(f"{what}: the batch is not left-padded (every row must end with real "
+                             "tokens); collate with collate_layouts(..., padding_side='left')")
+        position_ids = prompts.get("position_ids")
+        if position_ids is None:
+            # positions count from each row's first real token
+            position_ids = (mask.long().cumsum(-1) - 1).clamp_min(0)
+        return {"input_ids": input_ids, "position_ids": torch.as_tensor(position_ids).long(),
+                "attention_mask": mask}
+    if isinstance(prompts, Layout) or not isinstance(prompts, (list, tuple)):
+        raise ValueError(f"{what} must be a list of prompt Layouts or a collated batch dict, "
+                         f"got {type(prompts).__name__}")
+    if not prompts:
+        raise ValueError(f"{what} is empty: pass at least one prompt")
+    batch = collate_layouts(prompts, vocab.pad_id, padding_side="left")
+    return {key: batch[key] for key in ("input_ids", "position_ids", "attention_mask")}
+
+
+def _left_pad(batch: PromptBatch, length: int, pad_id: int) -> PromptBatch:
+    """Left-pads every tensor of a prompt batch to ``length`` columns."""
+    extra = length - batch["input_ids"].shape[1]
+    if extra == 0:
+        return batch
+    rows = batch["input_ids"].shape[0]
+    fill = {"input_ids": pad_id, "position_ids": 0, "attention_mask": False}
+    return {key: torch.cat([torch.full((rows, extra), fill[key], dtype=value.dtype), value], dim=1)
+            for key, value in batch.items()}
+
+
+def _stack_prompts(cond: PromptBatch, uncond: PromptBatch, pad_id: int) -> PromptBatch:
+    """Conditional rows [0, B) then unconditional rows [B, 2B), left-padded to one length."""
+    length = max(cond["input_ids"].shape[1], uncond["input_ids"].shape[1])
+    cond, uncond = _left_pad(cond, length, pad_id), _left_pad(uncond, length, pad_id)
+    return {key: torch.cat([cond[key], uncond[key]]) for key in cond}
+
+
+def _guidance_batch(prompts, cond: PromptBatch, uncond_prompts, cfg_scale: float,
+                    vocab: CogViewVocab) -> tuple[PromptBatch, bool]:
+    """The rows to run: cond [B, L], or with guidance cond then uncond [2B, L]; and whether
+    guidance is on (cfg_scale != 1, or uncond_prompts given)."""
+    if cfg_scale == 1.0 and uncond_prompts is None:
+        return cond, False
+    if uncond_prompts is None:
+        if isinstance(prompts, dict):
+            raise ValueError("classifier-free guidance on a collated batch needs "
+                             "uncond_prompts (the same prompts with an empty text span)")
+        uncond_prompts = [unconditional_prompt(p) for p in prompts]
+    uncond = _prompt_batch(uncond_prompts, vocab, "uncond_prompts")
+    batch_size = cond["input_ids"].shape[0]
+    if uncond["input_ids"].shape[0] != batch_size:
+        raise ValueError(f"got {uncond['input_ids'].shape[0]} uncond_prompts for "
+                         f"{batch_size} prompts; pass one per prompt")
+    return _stack_prompts(cond, uncond, vocab.pad_id), True
+
+
+# ------------------------------------------------------------------------------------------------
+# the decoding loop
+
+
+@contextmanager
+def _generation_mode(model: nn.Module):
+    """Eval mode (no dropout) while sampling; restores the mode and frees the KV cache after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.clear_kv_cache()
+        model.train(was_training)
+
+
+def _cache_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
+    """The dtype keys and values are computed in: the autocast dtype when autocast is on."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return next(model.parameters()).dtype
+
+
+def span_logits(model: nn.Module, hidden: torch.Tensor, span_range: tuple[int, int],
+                stop_ids: Sequence[int] = ()) -> torch.Tensor:
+    """Final hidden states [N, C] -> logits [N, (hi - lo) + len(stop_ids)]: the span's ids,
+    then the stop ids (one embedding row each, so far cheaper than the full vocabulary)."""
+    logits = model.logits(hidden, span_range)  # (N, hi - lo)
+    if stop_ids:
+        extra = [model.logits(hidden, (stop, stop + 1)) for stop in stop_ids]  # each (N, 1)
+        logits = torch.cat([logits, *extra], dim=-1)
+    return logits
+
+
+def _check_generate_args(model, vocab: CogViewVocab, span_kind: str, num_tokens: int,
+                         stop_ids: Sequence[int], cfg_scale: float) -> None:
+    if span_kind not in SPAN_KINDS:
+        raise ValueError(f"span_kind={span_kind!r} must be one of {SPAN_KINDS} (None only "
+                         "works for prompt Layouts that all have the same next_kind)")
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+        raise ValueError(f"num_tokens={num_tokens!r} must be a non-negative int")
+    if model.config.vocab_size < vocab.num_used:
+        raise ValueError(f"the model's vocab_size={model.config.vocab_size} is smaller than the "
+                         f"vocabulary ({vocab!r}); build the model with vocab_size={vocab.size}")
+    lo, hi = vocab.image_range if span_kind == "image" else vocab.text_range
+    for stop in stop_ids:
+        if not 0 <= stop < vocab.num_used or lo <= stop < hi:
+            raise ValueError(f"stop id {stop} must be a vocabulary id outside the {span_kind} "
+                             f"range [{lo}, {hi}), e.g. vocab.sep_id={vocab.sep_id}")
+    if not cfg_scale == cfg_scale:  # NaN
+        raise ValueError(f"cfg_scale={cfg_scale} is not a number")
+
+
+@torch.inference_mode()
+def generate_span(model: nn.Module, prompts, span_kind: str | None, num_tokens: int,
+                  vocab: CogViewVocab, *, temperature: float = 1.0, top_k: int | None = 200,
+                  top_p: float = 1.0, seeds: Sequence[int] | None = None, greedy: bool = False,
+                  stop_ids: Sequence[int] | None = None, cfg_scale: float = 1.0,
+                  uncond_prompts=None, use_kv_cache: bool = True) -> torch.Tensor:
+    """Samples the next ``num_tokens`` ids of an image or text span -> LongTensor [B, num_tokens].
+
+    prompts: a list of prompt Layouts (``t2i_prompt`` ...) or a batch collated with
+        ``padding_side="left"`` (input_ids, attention_mask, optional position_ids).
+    span_kind: "image" (only image ids are drawn) or "text" (only text ids, plus ``stop_ids``);
+        None takes the Layouts' ``next_kind``.
+    seeds: one int per prompt (needed unless greedy); a row's tokens depend only on its seed
+        and its prompt, not on the rest of the batch.
+    stop_ids: ids that end a row (e.g. [vocab.sep_id] for captions); the stop id is kept in
+        the output and every later token of that row is [PAD].
+    cfg_scale, uncond_prompts: classifier-free guidance, run when cfg_scale != 1 or
+        uncond_prompts is given; uncond_prompts default to the prompts without their text.
+    use_kv_cache: False recomputes the whole sequence at every step (reference, benchmarks).
+    Returns vocabulary ids (image codes are ids [0, K); text ids are tokenizer ids + K).
+    """
+    check_sampling_args(temperature, top_k, top_p)
+    layouts = isinstance(prompts, (list, tuple)) and all(isinstance(p, Layout) for p in prompts)
+    if layouts and prompts:
+        kinds = {p.next_kind for p in prompts}
+        if span_kind is None and len(kinds) == 1:
+            span_kind = kinds.pop()
+        elif span_kind is not None and kinds - {span_kind, None}:
+            raise ValueError(f"span_kind={span_kind!r} but the prompts continue with "
+                             f"{sorted(k for k in kinds if k)}; build prompts for that span kind")
+    stop_ids = [int(s) for s in (stop_ids or ())]
+    _check_generate_args(model, vocab, span_kind, num_tokens, stop_ids, cfg_scale)
+    cond = _prompt_batch(prompts, vocab, "prompts")
+    batch_size = cond["input_ids"].shape[0]
+    sampling = not (greedy or temperature == 0)
+    if sampling:
+        if seeds is None:
+            raise ValueError("seeds is None: pass one int seed per prompt (or greedy=True)")
+        if len(seeds) != batch_size:
+            raise ValueError(f"got {len(seeds)} seeds for {batch_size} prompts; "
+                             "pass one per prompt")
+
+    batch, guided = _guidance_batch(prompts, cond, uncond_prompts, cfg_scale, vocab)
+
+    device = next(model.parameters()).device
+    out = torch.full((batch_size, num_tokens), vocab.pad_id, dtype=torch.long, device=device)
+    if num_tokens == 0:
+        return out
+    rows, prompt_len = batch["input_ids"].shape
+    total = prompt_len + num_tokens - 1  # the last sampled token is never fed back
+    if total > model.config.max_positions:
+        raise ValueError(f"a prompt of {prompt_len} tokens + num_tokens={num_tokens} needs "
+                         f"{total} positions but model.max_positions={model.config.max_positions}; "
+                         "shorten the prompt or sample fewer tokens")
+
+    # The whole sequence, prompt then the tokens to come: ids, positions and key mask [N, total+1].
+    lengths = batch["attention_mask"].sum(dim=1)  # (N,) real prompt tokens per row
+    steps = torch.arange(num_tokens)
+    ids = torch.cat([batch["input_ids"], torch.full((rows, num_tokens), vocab.pad_id)], dim=1)
+    ids = ids.to(device)
+    positions = torch.cat([batch["position_ids"], lengths[:, None] + steps], dim=1).to(device)
+    mask = torch.cat([batch["attention_mask"], torch.ones(rows, num_tokens, dtype=torch.bool)],
+                     dim=1).to(device)
+
+    span_range = vocab.image_range if span_kind == "image" else vocab.text_range
+    candidates = torch.cat([torch.arange(*span_range), torch.tensor(stop_ids, dtype=torch.long)])
+    candidates = candidates.to(device)  # (V',) vocabulary id of each logit column
+    stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
+    generators = row_generators(seeds, device) if sampling else None
+    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+
+    with _generation_mode(model):
+        if use_kv_cache:
+            model.setup_kv_cache(rows, total, dtype=_cache_dtype(model, device), device=device)
+            # Batched prefill; the last column is a real token in every (left-padded) row.
+            hidden = model(ids[:, :prompt_len], positions[:, :prompt_len], mask[:, :prompt_len],
+                           start_pos=0, return_hidden=True)[:, -1]  # (N, C)
+        for step in range(num_tokens):
+            end = prompt_len + step  # tokens known so far
+            if not use_kv_cache:
+                hidden = model(ids[:, :end], positions[:, :end], mask[:, :end],
+                               return_hidden=True)[:, -1]  # (N, C)
+            logits = span_logits(model, hidden, span_range, stop_ids).float()  # (N, V')
+            if guided:
+                cond_logits, uncond_logits = logits[:batch_size], logits[batch_size:]
+                logits = uncond_logits + cfg_scale * (cond_logits - uncond_logits)  # (B, V')
+            choice = sample_logits(logits, temperature, top_k, top_p, generators, not sampling)
+            token = candidates[choice].masked_fill(finished, vocab.pad_id)  # (B,)
+            out[:, step] = token
+            finished |= torch.isin(token, stops)
+            if step + 1 == num_tokens or bool(finished.all()):
+                break
+            ids[:, end] = token.repeat(rows // batch_size)  # cond and uncond rows alike
+            if use_kv_cache:
+                hidden = model(ids[:, end:end + 1], positions[:, end:end + 1], mask[:, :end + 1],
+                               start_pos=end, return_hidden=True)[:, -1]  # (N, C)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# per task
+
+
+def _check_same_length(name_a: str, a: Sequence, name_b: str, b: Sequence) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"{name_a} has {len(a)} entries but {name_b} has {len(b)}; "
+                         "pass one per sample")
+
+
+def generate_images(model: nn.Module, vocab: CogViewVocab, text_ids_list: Sequence,
+                    image_tokens: int, seeds: Sequence[int] | None = None, *,
+                    temperature: float = 1.0, top_k: int | None = 200, top_p: float = 1.0,
+                    greedy: bool = False, cfg_scale: float = 1.0,
+                    max_text_len: int | None = None) -> torch.Tensor:
+    """t2i: tokenizer-space text ids per sample -> image codes [B, image_tokens] in [0, K).
+
+    The prompt is ``[ROI1] text [BASE] [BOI1]``; with cfg_scale != 1 the unconditional prompt
+    is the same with an empty caption.
+    """
+    if isinstance(image_tokens, bool) or not isinstance(image_tokens, int) or image_tokens < 1:
+        raise ValueError(f"image_tokens={image_tokens!r} must be a positive int (h * w codes)")
+    prompts = [t2i_prompt(vocab, text, max_text_len=max_text_len) for text in text_ids_list]
+    ids = generate_span(model, prompts, "image", image_tokens, vocab, temperature=temperature,
+                        top_k=top_k, top_p=top_p, seeds=seeds, greedy=greedy, cfg_scale=cfg_scale)
+    return ids - vocab.image_range[0]
+
+
+def generate_captions(model: nn.Module, vocab: CogViewVocab, image_codes_list: Sequence,
+                      max_len: int, seeds: Sequence[int] | None = None, *, greedy: bool = True,
+                      stop_id: int | str | None = None, temperature: float = 1.0,
+                      top_k: int | None = 200, top_p: float = 1.0) -> list[list[int]]:
+    """caption: image codes per sample -> up to ``max_len`` tokenizer-space text ids each.
+
+    The prompt is ``[BASE] [BOI1] image [EOI1] [ROI1]``. ``stop_id`` (an id or a command
+    name such as "[SEP]", for a captioner trained with that end token) ends a caption early;
+    it is not part of the returned ids.
+    """
+    if isinstance(stop_id, str):
+        stop_id = vocab.command(stop_id)
+    prompts = [caption_prompt(vocab, codes) for codes in image_codes_list]
+    ids = generate_span(model, prompts, "text", max_len, vocab, temperature=temperature,
+                        top_k=top_k, top_p=top_p, seeds=seeds, greedy=greedy,
+                        stop_ids=None if stop_id is None else [stop_id])
+    captions = []
+    for row in ids.tolist():
+        text = []
+        for token in row:
+            if not vocab.is_text(token):  # the stop id, then padding
+                break
+            text.append(token - vocab.num_image_codes)
+        captions.append(text)
+    return captions
+
+
+def generate_sr(model: nn.Module, vocab: CogViewVocab, text_ids_list: Sequence,
+                lowres_codes_list: Sequence, hr_tokens: int, seeds: Sequence[int] | None = None, *,
+                windows: int | Sequence[int] = 0, temperature: float = 1.0,
+                top_k: int | None = 200, top_p: float = 1.0, greedy: bool = False,
+                cfg_scale: float = 1.0, max_text_len: int | None = None) -> torch.Tensor:
+    """sr: caption + low-res codes per sample -> high-res codes LongTensor [B, hr_tokens] in [0, K).
+
+    ``windows``: the [POS<w>] window (0..8) of every sample, or one per sample.
+    """
+    if isinstance(hr_tokens, bool) or not isinstance(hr_tokens, int) or hr_tokens < 1:
+        raise ValueError(f"hr_tokens={hr_tokens!r} must be a positive int (h * w high-res codes)")
+    _check_same_length("text_ids_list", text_ids_list, "lowres_codes_list", lowres_codes_list)
+    if isinstance(windows, int):
+        windows = [windows] * len(text_ids_list)
+    _check_same_length("text_ids_list", text_ids_list, "windows", windows)
+    prompts = [sr_prompt(vocab, text, lowres, window=window, max_text_len=max_text_len)
+               for text, lowres, window in zip(text_ids_list, lowres_codes_list, windows)]
+    ids = generate_span(model, prompts, "image", hr_tokens, vocab, temperature=temperature,
+                        top_k=top_k, top_p=top_p, seeds=seeds, greedy=greedy, cfg_scale=cfg_scale)
+    return ids - vocab.image_range[0]
