@@ -16,6 +16,13 @@ class CaptionTask(SequenceTask):
 
     layout_name = "caption"
 
+    @property
+    def stop_id(self) -> int | None:
+        """The end-of-caption token the data appends (data.caption_end_token), if any."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        token = getattr(datamodule, "caption_end_token", None)
+        return self.vocab.command(token) if token else None
+
     @torch.no_grad()
     def log_samples(self, batch: dict) -> None:
         from cogview.generation import generate_captions
@@ -26,7 +33,8 @@ class CaptionTask(SequenceTask):
         self.model.eval()
         captions = generate_captions(self.model, self.vocab, codes,
                                      max_len=self.hparams.max_text_len,
-                                     seeds=list(range(len(codes))), greedy=True)
+                                     seeds=list(range(len(codes))), greedy=True,
+                                     stop_id=self.stop_id)
         self.model.train(was_training)
         texts = [self.text_tokenizer.decode(ids) for ids in captions]
         side = int(round(codes[0].numel() ** 0.5))
