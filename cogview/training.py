@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
+
+from cogview.modules.transformer import TransformerConfig
 
 log = logging.getLogger("cogview.train")
 
@@ -17,6 +20,19 @@ def register_resolvers() -> None:
     """Custom OmegaConf resolvers used in conf/ (``${eq:a,b}``)."""
     if not OmegaConf.has_resolver("eq"):
         OmegaConf.register_new_resolver("eq", lambda a, b: str(a) == str(b))
+
+
+@dataclass
+class ModelSchema(TransformerConfig):
+    """Typed schema of the ``model`` group: TransformerConfig plus the preset's name."""
+
+    name: str = "custom"
+
+
+def check_schemas(cfg: DictConfig) -> None:
+    """Validates typed groups; a wrong type names the key, its value and the expected type."""
+    if cfg.get("model") is not None:
+        OmegaConf.merge(OmegaConf.structured(ModelSchema), cfg.model)
 
 
 def build_task(cfg: DictConfig) -> L.LightningModule:
@@ -28,13 +44,27 @@ def build_task(cfg: DictConfig) -> L.LightningModule:
 
 
 def build_trainer(cfg: DictConfig) -> L.Trainer:
-    """Lightning Trainer from ``cfg.trainer`` plus the configured logger and callbacks."""
+    """Lightning Trainer from ``cfg.trainer`` plus the configured logger and callbacks;
+    checkpoints are written atomically (AtomicCheckpointIO)."""
+    from cogview.callbacks import AtomicCheckpointIO
+
     logger_cfg = cfg.get("logger")
+    if logger_cfg and str(logger_cfg.get("_target_", "")).endswith("WandbLogger"):
+        # One W&B run per job: a run left open by an earlier job of this process (Hydra -m)
+        # would otherwise be reused; the default name is "<task>-<run directory name>".
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+        if not logger_cfg.get("name"):
+            run_name = f"{cfg.get('task', {}).get('name', 'run')}-{Path(cfg.output_dir).name}"
+            logger_cfg = OmegaConf.merge(logger_cfg, {"name": run_name})
     logger = instantiate(logger_cfg) if logger_cfg else False
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     if not logger:  # nothing to monitor the learning rate into
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    return instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
+    return instantiate(cfg.trainer, logger=logger, callbacks=callbacks,
+                       plugins=[AtomicCheckpointIO()])
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
@@ -51,6 +81,7 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fits the configured task; exports it to ``cfg.export_dir`` when set."""
+    check_schemas(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     task = build_task(cfg)
@@ -61,11 +92,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("export_dir") and trainer.is_global_zero:
         exported = task.export(cfg.export_dir)
         log.info("exported %s to %s", cfg.task.name, exported)
+    finish_wandb(trainer)
     if trainer.is_global_zero:
         summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
         log.info("run directory: %s", cfg.output_dir)
         log.info("final metrics: %s", summary)
     return metrics
+
+
+def finish_wandb(trainer: L.Trainer) -> None:
+    """Closes the W&B run of this fit (a sweep's next job then starts its own)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
+        import wandb
+
+        wandb.finish()
 
 
 def fsdp_strategy(**kwargs):

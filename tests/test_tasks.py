@@ -69,7 +69,7 @@ def test_caption_initialised_from_t2i_and_mismatch_error(assets, tmp_path):
     expected = r"shape mismatches \(36\): final_layernorm.bias: checkpoint \(64,\) vs model \(32,\)"
     with pytest.raises(ValueError, match=expected):
         train_task_only(wider)
-    checkpoint = next((tmp_path / "t2i" / "checkpoints").glob("*.ckpt"))
+    checkpoint = tmp_path / "t2i" / "checkpoints" / "last.ckpt"
     from_ckpt = compose_train(task_overrides(assets, "caption", tmp_path / "ck",
                                              f"task.init_from={checkpoint}"))
     assert train_task_only(from_ckpt).model.num_parameters() == reference.num_parameters()
@@ -136,3 +136,11 @@ def test_periodic_samples_are_saved_as_pictures(assets, tmp_path, task):
 
         rows = json.loads(next((tmp_path / "samples").glob("caption_step*.json")).read_text())
         assert len(rows) == 4 and all("reference" in row for row in rows)
+
+
+def test_model_settings_are_type_checked(assets, tmp_path):
+    from omegaconf.errors import ValidationError
+
+    cfg = compose_train(task_overrides(assets, "t2i", tmp_path, "model.num_layers=two"))
+    with pytest.raises(ValidationError, match="num_layers"):
+        train(cfg)

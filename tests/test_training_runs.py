@@ -32,6 +32,11 @@ def base_command(assets, *extra):
             "precision=32-true", "trainer.enable_progress_bar=false", *TINY_MODEL, *extra]
 
 
+def last_step(path) -> int:
+    """global_step of a checkpoint (written atomically, so always complete)."""
+    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+
+
 def read_losses(run_dir):
     with open(run_dir / "logs" / "metrics.csv") as handle:
         return [(int(row["step"]), float(row["train/loss"])) for row in csv.DictReader(handle)
@@ -57,8 +62,8 @@ def test_sigkill_then_resume_from_last(assets, tmp_path):
                            "task.warmup_steps=0")
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and not list((run / "checkpoints").glob("*step=15*.ckpt")):
+    deadline, last = time.time() + 300, run / "checkpoints" / "last.ckpt"
+    while time.time() < deadline and not (last.is_file() and last_step(last) >= 15):
         assert process.poll() is None, "training ended before it could be killed"
         time.sleep(0.2)
     os.killpg(process.pid, signal.SIGKILL)
