@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.cogview-installed
 EXT_SOURCES := $(wildcard cogview/csrc/*.cpp cogview/csrc/*.h cogview/csrc/*.cu)
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all bench check-cuda clean
+.PHONY: install test test-all bench bench-quality check-cuda clean
 
 install: $(STAMP)
 
@@ -25,8 +25,17 @@ test: install check-cuda
 test-all: install
 	$(PY) -m pytest -m "" $(PYTEST_ARGS)
 
+# Side-by-side benchmarks (JSON in bench_results/); the VQ-VAE quality run trains for 10 minutes.
 bench: install
 	$(PY) benchmarks/pb_relax_softmax.py
+	$(PY) benchmarks/sampling.py
+	$(PY) benchmarks/training_throughput.py --preset small
+	$(PY) benchmarks/data_loader.py
+	$(PY) benchmarks/pretokenize.py
+	$(PY) benchmarks/vqvae_throughput.py
+
+bench-quality: install
+	$(PY) benchmarks/vqvae_quality.py
 
 # Compiles the CUDA kernel with nvcc as a syntax/type check (no GPU needed).
 check-cuda: install
