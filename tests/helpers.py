@@ -4,6 +4,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
+# Hydra overrides for a 2-layer, 64-wide transformer: seconds per test run.
+TINY_MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=2"]
 
 
 def make_vqvae(directory, num_codes: int = 64):

@@ -9,9 +9,7 @@ from cogview.tasks.sequence import SequenceTask
 from cogview.tasks.t2i import drop_text
 from cogview.tokenization.layouts import collate_layouts, t2i_layout
 from cogview.training import register_resolvers, train
-from tests.helpers import CONF_DIR, make_token_shards, make_vqvae
-
-TINY_MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=2"]
+from tests.helpers import CONF_DIR, TINY_MODEL, make_token_shards, make_vqvae
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,7 @@ import torch
 
 from cogview.export import export_checkpoint
 from cogview.modules.transformer import CogViewTransformer
-from tests.helpers import ROOT, make_token_shards, make_vqvae
-
-TINY_MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=2"]
+from tests.helpers import ROOT, TINY_MODEL, make_token_shards, make_vqvae
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 
 from cogview.modules.transformer import CogViewTransformer, TransformerConfig
-from cogview.export import TASK_KEY, task_class_path
-from cogview.tasks.optim import build_optimizer
+from cogview.tasks.base import CogViewTask
 from cogview.tokenization import build_text_tokenizer, load_text_tokenizer
 from cogview.tokenization.vocab import CogViewVocab
 
@@ -80,7 +78,7 @@ def load_matching(model: torch.nn.Module, state: dict[str, torch.Tensor], source
     model.load_state_dict(state)
 
 
-class SequenceTask(L.LightningModule):
+class SequenceTask(CogViewTask):
     """Next-token training of the backbone on one task's layout.
 
     Loss: cross entropy on the layout's targets; a target predicted from a text position is
@@ -169,14 +167,6 @@ class SequenceTask(L.LightningModule):
     def maybe_drop_captions(self, batch: dict) -> dict:
         """t2i only: see ``T2ITask``."""
         return batch
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[TASK_KEY] = task_class_path(self)  # lets cogview.export rebuild the task
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        return build_optimizer(self.model, hp.lr, hp.weight_decay, hp.betas, hp.warmup_steps,
-                               self.trainer.estimated_stepping_batches, hp.min_lr_ratio)
 
     # --------------------------------------------------------------- samples
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:

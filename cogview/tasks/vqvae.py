@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import torch
 
 from cogview.modules.vqvae import VQVAE, VQVAEConfig
-from cogview.export import TASK_KEY, task_class_path
-from cogview.tasks.optim import build_optimizer
+from cogview.tasks.base import CogViewTask
 from cogview.visualize import comparison_grid, psnr
 
 
-class VQVAETask(L.LightningModule):
+class VQVAETask(CogViewTask):
     """Reconstruction + commitment loss; logs PSNR, codebook usage and perplexity, and
     pictures of originals beside reconstructions."""
 
@@ -75,14 +73,6 @@ class VQVAETask(L.LightningModule):
         log_image = getattr(self.logger, "log_image", None)
         if log_image is not None and not self.trainer.sanity_checking:
             log_image(key="val/reconstructions", images=[picture], step=self.global_step)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[TASK_KEY] = task_class_path(self)  # lets cogview.export rebuild the task
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        return build_optimizer(self.model, hp.lr, hp.weight_decay, hp.betas, hp.warmup_steps,
-                               self.trainer.estimated_stepping_batches, hp.min_lr_ratio)
 
     def export(self, directory: str | Path) -> Path:
         """Writes the image tokenizer (model.safetensors + config.json)."""
