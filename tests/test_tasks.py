@@ -142,3 +142,10 @@ def test_model_settings_are_type_checked(assets, tmp_path):
     cfg = compose_train(task_overrides(assets, "t2i", tmp_path, "model.num_layers=two"))
     with pytest.raises(ValidationError, match="num_layers"):
         train(cfg)
+
+
+def test_experiment_recipe_overrides_groups(tmp_path):
+    cfg = compose_train(["experiment=shapes_t2i", "vqvae_dir=v", "data.train_shards=s",
+                         f"output_dir={tmp_path}"])
+    assert cfg.task.name == "t2i" and cfg.model.num_layers == 6 and cfg.data.resampled
+    assert cfg.trainer.max_steps == 10000
