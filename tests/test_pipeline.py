@@ -1,0 +1,208 @@
+"""The Python inference API (cogview.Pipeline) and OOM backoff in run_in_batches."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.helpers import make_vqvae
+
+TINY = dict(num_layers=2, hidden_size=64, num_heads=2)
+PROMPTS = ["左上角红色圆形", "蓝色"]
+
+
+def pixels(image: Image.Image) -> bytes:
+    return np.asarray(image).tobytes()
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """Tiny random t2i and caption exports (no training: SequenceTask.export only)."""
+    from cogview.tasks.caption import CaptionTask
+    from cogview.tasks.t2i import T2ITask
+
+    root = tmp_path_factory.mktemp("exports")
+    make_vqvae(root / "vq", num_codes=64)
+    torch.manual_seed(0)
+    T2ITask(model=TINY, vqvae_dir=str(root / "vq"), max_text_len=8).export(root / "t2i")
+    CaptionTask(model=TINY, vqvae_dir=str(root / "vq"), max_text_len=8).export(root / "caption")
+    return root
+
+
+@pytest.fixture(scope="module")
+def pipe(exports):
+    from cogview import Pipeline
+
+    return Pipeline.from_pretrained(exports / "t2i")
+
+
+def test_import_cogview_stays_cheap_and_exports_pipeline():
+    import subprocess
+    import sys
+
+    code = "import sys, cogview; assert 'torch' not in sys.modules; from cogview import Pipeline"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_pipeline_loads_the_export_parts(pipe):
+    from cogview.modules.transformer import CogViewTransformer
+    from cogview.modules.vqvae import VQVAE
+
+    assert isinstance(pipe.model, CogViewTransformer) and isinstance(pipe.image_tokenizer, VQVAE)
+    assert pipe.task == "t2i"
+    assert pipe.vocab.num_image_codes == 64 and pipe.model.config.vocab_size == pipe.vocab.size
+    assert pipe.image_tokens == 64  # not recorded in cogview.json -> 8x8
+
+
+def test_images_have_the_grid_size_and_depend_only_on_seed_prompt_and_index(pipe):
+    small = dict(image_tokens=16, progress=False)  # 4x4 codes: 16 sampling steps, 32x32 pixels
+    one_by_one = pipe(PROMPTS, num_images=3, seed=5, max_inference_batch_size=1, **small)
+    batched = pipe(PROMPTS, num_images=3, seed=5, max_inference_batch_size=12, **small)
+    assert len(batched) == 2 and all(len(samples) == 3 for samples in batched)
+    assert all(image.size == (32, 32) for samples in batched for image in samples)
+    assert [[pixels(i) for i in s] for s in one_by_one] == [[pixels(i) for i in s] for s in batched]
+    # sample i has seed 5 + i: prompt 1 alone with seed 6 gives its sample 1 as sample 0
+    alone = pipe(PROMPTS[1], num_images=2, seed=6, **small)
+    assert isinstance(alone, list) and isinstance(alone[0], Image.Image)
+    assert pixels(alone[0]) == pixels(batched[1][1])
+    assert len({pixels(i) for s in batched for i in s}) == 6  # different seeds, different images
+
+
+def test_image_tokens_sets_the_image_size(pipe):
+    assert pipe("红色", num_images=1, progress=False)[0].size == (64, 64)  # the default 8x8
+    images = pipe("红色", num_images=1, image_tokens=4, progress=False)
+    assert images[0].size == (16, 16)
+    with pytest.raises(ValueError, match="image_tokens=15"):
+        pipe("红色", num_images=1, image_tokens=15, progress=False)
+
+
+def test_empty_and_overlong_prompts(pipe):
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        pipe(["红色", "   "], num_images=1, progress=False)
+    with pytest.warns(UserWarning, match="cut 4 tokens"):
+        images = pipe("一二三四五六七八九十十二", num_images=1, image_tokens=4,
+                      progress=False)  # 12 tokens > max_text_len=8
+    short = pipe("一二三四五六七八", num_images=1, image_tokens=4, progress=False)
+    assert pixels(images[0]) == pixels(short[0])  # truncated to the same 8 tokens
+
+
+def test_pipeline_backs_off_on_out_of_memory_and_keeps_order(pipe, monkeypatch):
+    import cogview.generation.sampling as sampling
+
+    real = sampling.generate_images
+    sizes = []
+
+    def limited(model, vocab, text_ids_list, *args, **kwargs):
+        sizes.append(len(text_ids_list))
+        if len(text_ids_list) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, vocab, text_ids_list, *args, **kwargs)
+
+    small = dict(num_images=3, seed=1, image_tokens=16, progress=False)
+    reference = pipe(PROMPTS, max_inference_batch_size=1, **small)
+    monkeypatch.setattr(sampling, "generate_images", limited)
+    images = pipe(PROMPTS, max_inference_batch_size=6, **small)
+    assert sizes == [6, 3, 1, 1, 1, 1, 1, 1]  # 6 -> 3 -> 1, then 1 for the rest
+    assert pipe.batch_sizer.size == 1 and pipe.batch_sizer.backoffs == 2
+    assert [[pixels(i) for i in s] for s in images] == [[pixels(i) for i in s] for s in reference]
+
+
+def test_run_in_batches_halves_on_oom_and_remembers_the_size():
+    from cogview.generation.batching import BatchSizer, run_in_batches
+
+    calls = []
+
+    def square(chunk):
+        calls.append(list(chunk))
+        if len(chunk) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return [x * x for x in chunk]
+
+    sizer = BatchSizer(12)
+    results = run_in_batches(range(20), square, sizer=sizer, progress=False)
+    assert results == [x * x for x in range(20)]
+    assert sizer.size == 3
+    assert [len(c) for c in calls] == [12, 6, 3, 3, 3, 3, 3, 3, 2]
+    done = [x for c in calls if len(c) <= 3 for x in c]
+    assert done == list(range(20))  # every item once, in order
+
+
+def test_run_in_batches_cpu_oom_message_errors_and_limits():
+    from cogview.generation.batching import run_in_batches
+
+    def cpu_oom(chunk):
+        if len(chunk) > 1:
+            raise RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: "
+                               "you tried to allocate 9 bytes")
+        return chunk
+
+    assert run_in_batches("abc", cpu_oom, max_batch_size=4, progress=False) == ["a", "b", "c"]
+
+    def never_fits(chunk):
+        raise RuntimeError("CUDA error: out of memory")
+
+    with pytest.raises(MemoryError, match="item 'b' even at batch size 1"):
+        run_in_batches(["b"], never_fits, progress=False)
+
+    def broken(chunk):
+        raise RuntimeError("shape mismatch")  # not an OOM: raised as is, no retry
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        run_in_batches([1, 2], broken, progress=False)
+    with pytest.raises(ValueError, match="max_batch_size=0"):
+        run_in_batches([1], lambda c: c, max_batch_size=0)
+
+
+def test_caption_returns_one_string_per_image_and_stops_at_sep(exports, tmp_path):
+    from cogview import Pipeline
+
+    pipe = Pipeline.from_pretrained(exports / "caption")
+    assert pipe.task == "caption" and pipe.caption_stop_id == pipe.vocab.sep_id
+    Image.new("RGB", (80, 64), (220, 20, 20)).save(tmp_path / "red.png")
+    images = [tmp_path / "red.png", Image.new("L", (64, 64), 100)]
+    captions = pipe.caption(images, max_len=5, progress=False)
+    assert len(captions) == 2 and all(isinstance(c, str) and 0 < len(c) <= 5 for c in captions)
+    assert pipe.caption(images, max_len=5, progress=False, max_inference_batch_size=1) == captions
+    # make [SEP] the likeliest token from the 3rd step on: captions end after 2 tokens
+    real_logits, sep, steps = pipe.model.logits, pipe.vocab.sep_id, []
+
+    def sep_from_step_3(hidden, logits_range=None):
+        logits = real_logits(hidden, logits_range)
+        if logits_range == (sep, sep + 1):
+            steps.append(1)
+            if len(steps) >= 3:
+                logits = logits + 1e4
+        return logits
+
+    pipe.model.logits = sep_from_step_3
+    try:
+        stopped = pipe.caption(images, max_len=5, progress=False)
+    finally:
+        del pipe.model.logits
+    assert stopped == [caption[:2] for caption in captions]
+
+
+def test_load_time_mismatch_names_both_values(exports, tmp_path):
+    from cogview import Pipeline
+
+    broken = tmp_path / "export"
+    shutil.copytree(exports / "t2i", broken)
+    shutil.rmtree(broken / "vqvae")
+    make_vqvae(broken / "vqvae", num_codes=32)
+    expected = "num_codes is 32 but num_image_codes in cogview.json is 64"
+    with pytest.raises(ValueError, match=expected):
+        Pipeline.from_pretrained(broken)
+    info = json.loads((exports / "t2i" / "cogview.json").read_text())
+    info["vocab"]["text_vocab_size"] += 128  # a different text tokenizer's vocabulary
+    info["vocab"].pop("size")
+    shutil.rmtree(broken)
+    shutil.copytree(exports / "t2i", broken)
+    (broken / "cogview.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="vocab_size is 7296 but the vocabulary size"):
+        Pipeline.from_pretrained(broken)
+    (broken / "cogview.json").unlink()
+    with pytest.raises(FileNotFoundError, match="not a cogview export directory"):
+        Pipeline.from_pretrained(broken)
