@@ -1,6 +1,7 @@
 """Whole train.py runs: multirun, resume after SIGKILL, export from a checkpoint."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -86,6 +87,7 @@ def test_export_any_checkpoint(assets, tmp_path):
                            "trainer.val_check_interval=3")
     assert subprocess.run(command, cwd=ROOT, capture_output=True, timeout=600).returncode == 0
     out = export_checkpoint(run / "checkpoints" / "last.ckpt", tmp_path / "exported")
+    assert json.loads((out / "cogview.json").read_text())["image_tokens"] == 64
     exported = CogViewTransformer.from_pretrained(out)
     reference = CogViewTransformer.from_pretrained(run / "export")
     for name, value in reference.state_dict().items():

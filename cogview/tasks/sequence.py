@@ -108,6 +108,7 @@ class SequenceTask(CogViewTask):
             log.info("initialised the %s model from %s", self.layout_name, init_from)
         self.sample_dir = Path(sample_dir) if sample_dir else None
         self._image_tokenizer = None
+        self.image_tokens: int | None = None  # codes per generated image, seen in the data
 
     # ------------------------------------------------------------------ data
     def setup(self, stage: str) -> None:
@@ -147,6 +148,9 @@ class SequenceTask(CogViewTask):
         return {"loss": loss, **parts}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.image_tokens is None:
+            codes = int((batch["input_ids"][0] < self.vocab.num_image_codes).sum())
+            self.image_tokens = codes * 4 // 5 if self.layout_name == "sr" else codes  # sr: hr part
         batch = self.maybe_drop_captions(batch)
         out = self.losses(batch)
         size = batch["input_ids"].shape[0]
@@ -163,6 +167,13 @@ class SequenceTask(CogViewTask):
         for name in ("image_loss", "text_loss"):
             if name in out:
                 self.log(f"val/{name}", out[name], batch_size=size, sync_dist=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["cogview_image_tokens"] = self.image_tokens
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.image_tokens = checkpoint.get("cogview_image_tokens")
 
     def maybe_drop_captions(self, batch: dict) -> dict:
         """t2i only: see ``T2ITask``."""
@@ -206,8 +217,10 @@ class SequenceTask(CogViewTask):
         if vqvae_copy.exists():
             shutil.rmtree(vqvae_copy)
         shutil.copytree(self.hparams.vqvae_dir, vqvae_copy)
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
         info = {"task": self.layout_name, "vocab": self.vocab.to_dict(),
-                "max_text_len": self.hparams.max_text_len,
+                "max_text_len": self.hparams.max_text_len, "image_tokens": self.image_tokens,
+                "caption_end_token": getattr(datamodule, "caption_end_token", None),
                 "text_tokenizer": "text_tokenizer", "image_tokenizer": "vqvae"}
         (directory / EXPORT_CONFIG).write_text(json.dumps(info, indent=2, ensure_ascii=False))
         return directory

@@ -46,7 +46,7 @@ class T2ITask(SequenceTask):
 
         prompts = list(self.hparams.sample_prompts or [])
         if not prompts:
-            prompts = [p["prompt"] for kind in ("seen", "heldout", "two")
+            prompts = [p["caption"] for kind in ("seen", "heldout", "two")
                        for p in eval_prompts(kind, 2, seed=self.hparams.sample_seed)]
         image_tokens = int((batch["input_ids"][0] < self.vocab.num_image_codes).sum())
         side = int(round(image_tokens ** 0.5))
