@@ -1,4 +1,4 @@
-# make install | make test | make bench | make check-cuda   (each installs what it needs)
+# make install | make demo | make test | make bench | make check-cuda   (each installs what it needs)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.cogview-installed
 EXT_SOURCES := $(wildcard cogview/csrc/*.cpp cogview/csrc/*.h cogview/csrc/*.cu)
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all bench bench-quality check-cuda clean
+.PHONY: install demo test test-all bench bench-quality check-cuda clean
 
 install: $(STAMP)
 
@@ -18,6 +18,10 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml setup.py $(EXT_SO
 	$(PY) setup.py -q build_ext --inplace
 	$(PY) -c "import torch, cogview._C"
 	touch $(STAMP)
+
+# The main job on shapes-zh: VQ-VAE, pretokenize, t2i, samples scored by the oracle, a report.
+demo: install
+	$(PY) -m cogview.demo $(DEMO_ARGS)
 
 test: install check-cuda
 	$(PY) -m pytest $(PYTEST_ARGS)
