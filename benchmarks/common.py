@@ -42,6 +42,21 @@ def median_time(fn, repeats: int = 10, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median wall time of each fn, running them in turn within every repeat so that load
+    from other processes on a shared machine falls on all of them alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def write_json(result: dict, out: str | Path | None, name: str) -> Path:
     """Writes ``result`` to ``out`` (default bench_results/<name>.json) and returns the path."""
     path = Path(out) if out else RESULTS_DIR / f"{name}.json"

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import interleaved_medians  # noqa: E402
 from cogview.modules import pb_relax  # noqa: E402
 from cogview.modules.pb_relax import (  # noqa: E402
     has_kernel,
@@ -59,19 +59,6 @@ PEAK_BANDWIDTH = (
 )
 
 
-def interleaved_medians(fns: dict, warmup: int, repeats: int) -> dict[str, float]:
-    """Median wall time of each fn, running them in turn within every repeat, so that load
-    from other processes on a shared machine falls on all of them alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def methods(causal: bool):
@@ -130,7 +117,7 @@ def bench_cpu(warmup: int, repeats: int) -> list[dict]:
                 calls[f"fused@{build}_fwd_s"], calls[f"fused@{build}_fwd_bwd_s"] = timed_calls(
                     methods(causal=True)["fused"], scores, grad, before=select)
             try:
-                times = interleaved_medians(calls, warmup, repeats)
+                times = interleaved_medians(calls, repeats=repeats, warmup=warmup)
             finally:
                 pb_relax._C.set_cpu_capability(current)
             by_build = {}

@@ -15,7 +15,6 @@ Writes JSON with the machine info.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,24 +22,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import machine_info, write_json  # noqa: E402
+from benchmarks.common import interleaved_medians, machine_info, write_json  # noqa: E402
 from cogview.generation import generate_span  # noqa: E402
 from cogview.modules.transformer import CogViewTransformer, TransformerConfig  # noqa: E402
 from cogview.tokenization import CogViewVocab, t2i_prompt  # noqa: E402
 
 
-def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
-    """Median wall time of each fn (after one warm-up), running them in turn within every
-    repeat so that load from other processes on a shared machine falls on all alike."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:

@@ -34,3 +34,19 @@ def make_token_shards(vqvae_dir, out, n: int = 64, size: int = 64, sr: bool = Fa
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         pretokenize(compose(config_name="pretokenize", overrides=overrides))
     return out
+
+
+def make_exports(root, t2i_text_len: int, caption_text_len: int):
+    """Tiny random t2i and caption export directories (SequenceTask.export, no training)."""
+    import torch
+
+    from cogview.tasks.caption import CaptionTask
+    from cogview.tasks.t2i import T2ITask
+
+    model = dict(num_layers=2, hidden_size=64, num_heads=2)
+    make_vqvae(root / "vq", num_codes=64)
+    torch.manual_seed(0)
+    T2ITask(model=model, vqvae_dir=str(root / "vq"), max_text_len=t2i_text_len).export(root / "t2i")
+    CaptionTask(model=model, vqvae_dir=str(root / "vq"),
+                max_text_len=caption_text_len).export(root / "caption")
+    return root

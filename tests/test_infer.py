@@ -9,23 +9,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from tests.helpers import ROOT, make_vqvae
+from tests.helpers import ROOT, make_exports
 
-TINY = dict(num_layers=2, hidden_size=64, num_heads=2)
 
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
-    """Tiny random t2i and caption exports (SequenceTask.export, no training)."""
-    from cogview.tasks.caption import CaptionTask
-    from cogview.tasks.t2i import T2ITask
-
-    root = tmp_path_factory.mktemp("infer_exports")
-    make_vqvae(root / "vq", num_codes=64)
-    torch.manual_seed(0)
-    T2ITask(model=TINY, vqvae_dir=str(root / "vq"), max_text_len=16).export(root / "t2i")
-    CaptionTask(model=TINY, vqvae_dir=str(root / "vq"), max_text_len=6).export(root / "caption")
-    return root
+    """Tiny random t2i and caption exports (no training)."""
+    return make_exports(tmp_path_factory.mktemp("infer_exports"), 16, 6)
 
 
 def run_infer(*overrides):

@@ -8,9 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import make_vqvae
+from tests.helpers import make_exports, make_vqvae
 
-TINY = dict(num_layers=2, hidden_size=64, num_heads=2)
 PROMPTS = ["左上角红色圆形", "蓝色"]
 
 
@@ -20,16 +19,8 @@ def pixels(image: Image.Image) -> bytes:
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
-    """Tiny random t2i and caption exports (no training: SequenceTask.export only)."""
-    from cogview.tasks.caption import CaptionTask
-    from cogview.tasks.t2i import T2ITask
-
-    root = tmp_path_factory.mktemp("exports")
-    make_vqvae(root / "vq", num_codes=64)
-    torch.manual_seed(0)
-    T2ITask(model=TINY, vqvae_dir=str(root / "vq"), max_text_len=8).export(root / "t2i")
-    CaptionTask(model=TINY, vqvae_dir=str(root / "vq"), max_text_len=8).export(root / "caption")
-    return root
+    """Tiny random t2i and caption exports (no training)."""
+    return make_exports(tmp_path_factory.mktemp("exports"), 8, 8)
 
 
 @pytest.fixture(scope="module")
