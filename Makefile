@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.cogview-installed
 EXT_SOURCES := $(wildcard cogview/csrc/*.cpp cogview/csrc/*.h cogview/csrc/*.cu)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all bench bench-quality check-cuda clean
+.PHONY: install demo app test test-all bench bench-quality check-cuda clean
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml setup.py $(EXT_SO
 # The main job on shapes-zh: VQ-VAE, pretokenize, t2i, samples scored by the oracle, a report.
 demo: install
 	$(PY) -m cogview.demo $(DEMO_ARGS)
+
+# The web app on the models make demo produced (APP_ARGS="ckpt=<export dir> port=7860").
+app: install
+	$(PY) -m cogview.app $(APP_ARGS)
 
 test: install check-cuda
 	$(PY) -m pytest $(PYTEST_ARGS)
