@@ -1,9 +1,12 @@
-"""The inference runs behind infer.py: task=vqvae (reconstruction), t2i, caption."""
+"""The inference runs behind infer.py: task=vqvae (reconstruction), t2i (+ reranking), caption,
+rerank, sr and complete. Under torchrun the items are split over the ranks and rank 0 writes
+one results.jsonl."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -16,7 +19,7 @@ from cogview.visualize import comparison_grid, psnr, tensor_to_pil
 
 log = logging.getLogger("cogview.infer")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-TASKS = ("vqvae", "t2i", "caption")
+TASKS = ("vqvae", "t2i", "caption", "rerank", "sr", "complete")
 
 
 def list_images(entries) -> list[Path]:
@@ -133,14 +136,15 @@ def read_prompts(cfg: DictConfig) -> list[tuple[object, str]]:
     return [(row_id, prompt) for row_id, prompt, _ in records]
 
 
-def load_pipeline(cfg: DictConfig):
-    """The Pipeline of cfg.ckpt, checking that the export was trained for cfg.task.name."""
+def load_pipeline(cfg: DictConfig, ckpt: str | None = None, task: str | None = None):
+    """The Pipeline of ``ckpt`` (default cfg.ckpt), warning when it was not exported for ``task``
+    (default cfg.task.name)."""
     from cogview.pipeline import Pipeline
 
-    pipe = Pipeline.from_pretrained(cfg.ckpt, device=cfg.device, dtype=cfg.get("dtype"))
-    if pipe.task != cfg.task.name:
-        log.warning("ckpt=%s was exported by a %s run but task=%s", cfg.ckpt, pipe.task,
-                    cfg.task.name)
+    ckpt, task = ckpt or cfg.ckpt, task or cfg.task.name
+    pipe = Pipeline.from_pretrained(ckpt, device=device_for(cfg), dtype=cfg.get("dtype"))
+    if pipe.task != task:
+        log.warning("ckpt=%s was exported by a %s run but is used for %s", ckpt, pipe.task, task)
     return pipe
 
 
@@ -151,54 +155,158 @@ def write_rows(path: Path, rows: list[dict]) -> None:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def text_to_image(cfg: DictConfig) -> Path:
-    """task=t2i: num_samples images per prompt -> PNGs, a grid per prompt and results.jsonl
-    (id, prompt, sample, seed, path; paths relative to output_dir)."""
-    from cogview.visualize import image_grid
+# ------------------------------------------------------------------------------------------------
+# data parallel: under torchrun every rank takes items rank, rank + world, ... and rank 0 merges
 
-    records = read_prompts(cfg)  # every prompt checked before the model is loaded
-    pipe = load_pipeline(cfg)
-    out = Path(cfg.output_dir)
+
+class Shards:
+    """Splits work over torchrun processes (one process: everything on rank 0) and merges rows.
+
+    Items are dealt round-robin (item i to rank i % world), every rank writes its files under
+    their global index, and rank 0 writes one results.jsonl in the original order.
+    """
+
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.started = False
+        if self.world > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            torch.distributed.init_process_group(backend)
+            self.started = True
+
+    def mine(self, count: int) -> list[int]:
+        """The global indices of the items this rank runs."""
+        return list(range(self.rank, count, self.world))
+
+    def same_value(self, value):
+        """Rank 0's value on every rank (e.g. a time-stamped output_dir)."""
+        if self.world == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def merge(self, rows: list[dict], key=lambda row: row["_order"]) -> list[dict] | None:
+        """Every rank's rows -> all rows sorted by ``key`` on rank 0 (None on the others)."""
+        if self.world > 1:
+            gathered = [None] * self.world if self.rank == 0 else None
+            torch.distributed.gather_object(rows, gathered, dst=0)
+            if self.rank != 0:
+                return None
+            rows = [row for part in gathered for row in part]
+        rows = sorted(rows, key=key)
+        for row in rows:
+            row.pop("_order", None)
+        return rows
+
+    def close(self) -> None:
+        if self.started:
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
+def device_for(cfg: DictConfig) -> str:
+    """cfg.device, with cuda mapped to this process's GPU under torchrun."""
+    device = str(cfg.device)
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{os.environ['LOCAL_RANK']}"
+    return device
+
+
+def prepare_output(cfg: DictConfig, shards: Shards) -> Path:
+    out = Path(shards.same_value(str(cfg.output_dir)))
     out.mkdir(parents=True, exist_ok=True)
-    images = pipe([prompt for _, prompt in records], num_images=cfg.num_samples, seed=cfg.seed,
-                  temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                  cfg_scale=cfg.cfg_scale, image_tokens=cfg.get("image_tokens"),
-                  max_inference_batch_size=cfg.max_inference_batch_size)
-    rows = []
-    for index, ((row_id, prompt), samples) in enumerate(zip(records, images)):
-        grid = f"{index:05d}_grid.png"
-        image_grid(samples, columns=cfg.grid_columns or len(samples)).save(out / grid)
-        for sample, image in enumerate(samples):
-            name = f"{index:05d}_{sample:03d}.png"
-            image.save(out / name)
-            rows.append({"id": row_id, "prompt": prompt, "sample": sample,
-                         "seed": cfg.seed + sample, "path": name, "grid": grid})
-    write_rows(out / "results.jsonl", rows)
-    log.info("%d images for %d prompts (batch size %d) in %s", len(rows), len(records),
-             pipe.batch_sizer.size, out)
+    return out
+
+
+def finish(out: Path, rows: list[dict], shards: Shards, what: str) -> Path:
+    """Merges the ranks' rows into out/results.jsonl (rank 0) and logs a summary."""
+    merged = shards.merge(rows)
+    if merged is not None:
+        write_rows(out / "results.jsonl", merged)
+        failed = sum("error" in row for row in merged)
+        log.info("%s: %d rows (%d failed) from %d process(es) in %s", what, len(merged), failed,
+                 shards.world, out)
     return out
 
 
 # ------------------------------------------------------------------------------------------------
-# caption
+# t2i (with optional reranking)
 
 
-def caption_images(cfg: DictConfig) -> Path:
+def text_to_image(cfg: DictConfig, shards: Shards) -> Path:
+    """task=t2i: num_samples images per prompt -> PNGs, a grid per prompt and results.jsonl
+    (id, prompt, sample, seed, path; paths relative to output_dir). With rerank.ckpt (a caption
+    export): num_candidates per prompt, the ``keep`` best by caption score, with their scores."""
+    from cogview.visualize import image_grid
+
+    records = read_prompts(cfg)  # every prompt checked before the model is loaded
+    rerank_ckpt = (cfg.get("rerank") or {}).get("ckpt")
+    pipe = load_pipeline(cfg)
+    reranker = load_pipeline(cfg, rerank_ckpt, "caption") if rerank_ckpt else None
+    out = prepare_output(cfg, shards)
+    mine = shards.mine(len(records))
+    rows = []
+    if mine:
+        kwargs = dict(seed=cfg.seed, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                      cfg_scale=cfg.cfg_scale, image_tokens=cfg.get("image_tokens"),
+                      max_inference_batch_size=cfg.max_inference_batch_size)
+        prompts = [records[i][1] for i in mine]
+        if reranker is None:
+            results = [(samples, None) for samples in pipe(prompts, num_images=cfg.num_samples,
+                                                           **kwargs)]
+        else:
+            results = pipe(prompts, num_images=cfg.keep, reranker=reranker,
+                           num_candidates=cfg.num_candidates, **kwargs)
+        for index, (samples, scores) in zip(mine, results):
+            row_id, prompt = records[index]
+            grid = f"{index:05d}_grid.png"
+            image_grid(samples, columns=cfg.grid_columns or len(samples)).save(out / grid)
+            for rank, image in enumerate(samples):
+                sample = image.info.get("sample", rank)
+                name = f"{index:05d}_{sample:03d}.png"
+                image.save(out / name)
+                row = {"id": row_id, "prompt": prompt, "sample": sample, "seed": cfg.seed + sample,
+                       "path": name, "grid": grid, "_order": (index, rank)}
+                if scores is not None:
+                    row.update(caption_score=round(scores[rank], 5), rank=rank,
+                               num_candidates=cfg.num_candidates)
+                rows.append(row)
+        log.info("rank %d: %d prompts at batch size %d", shards.rank, len(mine),
+                 pipe.batch_sizer.size)
+    return finish(out, rows, shards, "t2i")
+
+
+# ------------------------------------------------------------------------------------------------
+# images in: caption, rerank, sr
+
+
+def read_images(paths: list[Path], prepare) -> list[tuple[dict, object]]:
+    """(row, prepared image or None) per path; an unreadable image gets an "error" in its row."""
+    items = []
+    for index, path in enumerate(paths):
+        row = {"id": index, "path": str(path), "_order": index}
+        try:
+            items.append((row, prepare(path)))
+        except (ImageDecodeError, FileNotFoundError, ValueError) as error:
+            row["error"] = str(error)
+            log.warning("skipped %s: %s", path, error)
+            items.append((row, None))
+    return items
+
+
+def caption_images(cfg: DictConfig, shards: Shards) -> Path:
     """task=caption: a caption per image -> results.jsonl (id, path, caption); an image that
     cannot be read gets an "error" in its row and the others go on."""
     paths = list_images(cfg.images)
     pipe = load_pipeline(cfg)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rows, good = [], []
-    for index, path in enumerate(paths):
-        row = {"id": index, "path": str(path)}
-        try:
-            good.append((row, pipe.prepare_image(path)))
-        except (ImageDecodeError, FileNotFoundError, ValueError) as error:
-            row["error"] = str(error)
-            log.warning("skipped %s: %s", path, error)
-        rows.append(row)
+    out = prepare_output(cfg, shards)
+    items = read_images([paths[i] for i in shards.mine(len(paths))], pipe.prepare_image)
+    for (row, _), index in zip(items, shards.mine(len(paths))):
+        row["id"] = row["_order"] = index
+    good = [(row, image) for row, image in items if image is not None]
     if good:
         captions = pipe.caption([image for _, image in good], greedy=cfg.greedy,
                                 max_len=cfg.get("max_len"), seed=cfg.seed,
@@ -206,14 +314,152 @@ def caption_images(cfg: DictConfig) -> Path:
                                 max_inference_batch_size=cfg.max_inference_batch_size)
         for (row, _), caption in zip(good, captions):
             row["caption"] = caption
-    write_rows(out / "results.jsonl", rows)
-    log.info("%d images captioned, %d failed; results in %s", len(good), len(rows) - len(good), out)
-    return out
+    return finish(out, [row for row, _ in items], shards, "caption")
+
+
+def rerank_images(cfg: DictConfig, shards: Shards) -> Path:
+    """task=rerank: caption scores of images against one prompt -> results.jsonl sorted best
+    first (id, path, prompt, caption_score, rank) and a grid of the images in rank order."""
+    from cogview.visualize import image_grid
+
+    if not str(cfg.get("prompt") or "").strip():
+        raise ValueError('task=rerank needs the prompt the images are scored against: '
+                         "\"prompt='左上角有一个大的红色圆形'\"")
+    paths = list_images(cfg.images)
+    pipe = load_pipeline(cfg)
+    out = prepare_output(cfg, shards)
+    items = read_images(paths, pipe.prepare_image)
+    good = [(row, image) for row, image in items if image is not None]
+    rows = [row for row, _ in items]
+    if shards.rank == 0 and good:
+        scores = pipe.caption_scores([image for _, image in good], cfg.prompt,
+                                     max_inference_batch_size=cfg.max_inference_batch_size)
+        for (row, _), score in zip(good, scores):
+            row.update(prompt=cfg.prompt, caption_score=round(score, 5))
+        ranked = sorted(good, key=lambda item: -item[0]["caption_score"])
+        for rank, (row, _) in enumerate(ranked):
+            row["rank"] = row["_order"] = rank
+        for row in rows:
+            row.setdefault("_order", len(good) + row["id"])  # failed images last
+        image_grid([image for _, image in ranked], columns=min(8, len(ranked))).save(
+            out / "ranked.png")
+    return finish(out, rows if shards.rank == 0 else [], shards, "rerank")
+
+
+def sr_inputs(cfg: DictConfig) -> list[tuple[Path, str]]:
+    """(image path, prompt) pairs: images=[...] with prompts=[one] or one per image, or
+    from_results=<a t2i output_dir> (its images and their prompts)."""
+    from_results = cfg.get("from_results")
+    if from_results:
+        results = Path(from_results) / "results.jsonl"
+        if not results.is_file():
+            raise FileNotFoundError(f"from_results={from_results}: no results.jsonl there; point "
+                                    "it at an infer.py task=t2i output_dir")
+        rows = [json.loads(line) for line in results.read_text(encoding="utf-8").splitlines()
+                if line.strip()]
+        return [(Path(from_results) / row["path"], row["prompt"]) for row in rows if "path" in row]
+    paths = list_images(cfg.images)
+    prompts = [str(p) for p in (cfg.get("prompts") or [])]
+    if len(prompts) == 1:
+        prompts = prompts * len(paths)
+    if len(prompts) != len(paths) or not all(p.strip() for p in prompts):
+        raise ValueError(f"task=sr got {len(paths)} images and {len(prompts)} prompts: give the "
+                         "caption of every image (\"prompts=['红色的圆形']\" for all, or one each), "
+                         "or from_results=<t2i output_dir>")
+    return list(zip(paths, prompts))
+
+
+def super_resolve(cfg: DictConfig, shards: Shards) -> Path:
+    """task=sr: each image + its caption -> a 2x image (one window, or CogView's sliding 3x3
+    windows for images larger than the model's window); writes <i>_sr.png, a before/after
+    picture (bicubic 2x | sr) and results.jsonl (id, source, prompt, path, pair, size)."""
+    from cogview.data.images import load_image
+
+    pairs = sr_inputs(cfg)
+    pipe = load_pipeline(cfg)
+    out = prepare_output(cfg, shards)
+    rows = []
+    for index in tqdm(shards.mine(len(pairs)), desc="super-resolving", unit="img"):
+        path, prompt = pairs[index]
+        row = {"id": index, "source": str(path), "prompt": prompt, "_order": index}
+        rows.append(row)
+        try:
+            image = load_image(path)
+            (result,) = pipe.super_resolve(image, prompt, seed=cfg.seed + index,
+                                           temperature=cfg.temperature, top_k=cfg.top_k,
+                                           top_p=cfg.top_p, progress=False)
+        except (ImageDecodeError, FileNotFoundError, ValueError) as error:
+            row["error"] = str(error)
+            log.warning("skipped %s: %s", path, error)
+            continue
+        side = result.width // 2
+        bicubic = image.resize((side, side), Image.Resampling.BICUBIC) if image.size != (side, side) \
+            else image
+        bicubic = bicubic.resize(result.size, Image.Resampling.BICUBIC)
+        name = f"{index:05d}_{path.stem}"
+        result.save(out / f"{name}_sr.png")
+        comparison_grid([[bicubic, result]], None, scale=1).save(out / f"{name}_pair.png")
+        row.update(path=f"{name}_sr.png", pair=f"{name}_pair.png", size=list(result.size),
+                   seed=cfg.seed + index)
+    return finish(out, rows, shards, "sr")
+
+
+# ------------------------------------------------------------------------------------------------
+# completion
+
+
+def parse_region(region):
+    """cfg.region: "bottom" | "top" | "left" | "right" or [left, top, right, bottom] pixels."""
+    if isinstance(region, str):
+        return region
+    return [float(v) for v in region]
+
+
+def complete_image(cfg: DictConfig, shards: Shards) -> Path:
+    """task=complete: an image, a region and a prompt -> num_samples completions, a picture
+    (original | region | completions) and results.jsonl (id, prompt, sample, seed, path)."""
+    from cogview.visualize import image_grid
+
+    if not str(cfg.get("prompt") or "").strip():
+        raise ValueError("task=complete needs a prompt: \"prompt='左上角有一个大的红色圆形'\"")
+    if not cfg.get("image"):
+        raise ValueError("task=complete needs image=<path> (the picture to complete)")
+    pipe = load_pipeline(cfg)
+    out = prepare_output(cfg, shards)
+    original = pipe.prepare_image(cfg.image)
+    if shards.rank != 0:  # one image: rank 0 does it
+        return finish(out, [], shards, "complete")
+    samples = pipe.complete(original, cfg.prompt, region=parse_region(cfg.region),
+                            num_images=cfg.num_samples, seed=cfg.seed,
+                            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                            max_inference_batch_size=cfg.max_inference_batch_size)
+    rows = []
+    masked = original.copy()
+    mask = pipe.last_completion_mask.repeat_interleave(8, 0).repeat_interleave(8, 1)
+    shade = Image.new("RGB", masked.size, (128, 128, 128))
+    masked.paste(shade, mask=Image.fromarray(mask.numpy().astype("uint8") * 255))
+    image_grid([original, masked, *samples], columns=len(samples) + 2).save(out / "grid.png")
+    for sample, image in enumerate(samples):
+        name = f"{sample:03d}.png"
+        image.save(out / name)
+        rows.append({"id": 0, "prompt": cfg.prompt, "sample": sample,
+                     "seed": cfg.seed + sample, "path": name, "grid": "grid.png",
+                     "region": cfg.region if isinstance(cfg.region, str) else list(cfg.region),
+                     "_order": sample})
+    return finish(out, rows, shards, "complete")
 
 
 def infer(cfg: DictConfig) -> Path:
-    """Runs the configured inference task (vqvae, t2i or caption)."""
-    runners = {"vqvae": reconstruct, "t2i": text_to_image, "caption": caption_images}
-    if cfg.task.name not in runners:
-        raise ValueError(f"infer task={cfg.task.name!r} is not available; choose one of {TASKS}")
-    return runners[cfg.task.name](cfg)
+    """Runs the configured inference task; under torchrun the work is split over the ranks."""
+    runners = {"t2i": text_to_image, "caption": caption_images, "rerank": rerank_images,
+               "sr": super_resolve, "complete": complete_image}
+    name = cfg.task.name
+    if name == "vqvae":
+        return reconstruct(cfg)
+    if name not in runners:
+        raise ValueError(f"infer task={name!r} is not available; choose one of {TASKS}")
+    shards = Shards()
+    try:
+        return runners[name](cfg, shards)
+    finally:
+        shards.close()

@@ -4,6 +4,9 @@
     pipe = Pipeline.from_pretrained("runs/t2i/export")          # a SequenceTask.export directory
     images = pipe("左上角有一个大的红色圆形", num_images=4, seed=0)  # 4 PIL images
     captions = pipe.caption(["a.png", "b.png"])                 # with a caption export
+    images, scores = pipe(prompt, num_images=2, reranker=caption_pipe, num_candidates=8)
+    big = sr_pipe.super_resolve(images, prompt)                 # with an sr export: 2x side
+    filled = pipe.complete("a.png", prompt, region="bottom")    # redraw the bottom half
 
 Seeding: sample ``i`` of every prompt is drawn with seed ``seed + i`` (its own generator), so
 an image depends only on (seed, prompt, sample index), never on the batch it ran in.
@@ -17,7 +20,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -50,6 +53,40 @@ def grid_side(image_tokens: int) -> int:
     return side
 
 
+ProgressCallback = Callable[[int, int], None]
+
+
+def check_count(name: str, value) -> None:
+    """A positive int, or ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive int")
+
+
+class TokenProgress:
+    """Turns per-chunk step callbacks into ``callback(done_tokens, total_tokens)`` for a run.
+
+    ``chunk(rows, tokens_per_row, steps)`` returns the step callback of the next chunk: a chunk
+    of ``rows`` samples that generates ``tokens_per_row`` tokens each over ``steps`` positions
+    (steps > tokens when known tokens are fed in place, as in completion).
+    """
+
+    def __init__(self, callback: ProgressCallback | None, total: int) -> None:
+        self.callback, self.total, self.done = callback, total, 0
+
+    def chunk(self, rows: int, tokens_per_row: int | None = None, steps: int | None = None):
+        if self.callback is None:
+            return None
+        start = self.done
+
+        def step(position: int, positions: int) -> None:
+            per_row = positions if tokens_per_row is None else tokens_per_row
+            fraction = position / (steps or positions)
+            self.done = start + round(rows * per_row * fraction)
+            self.callback(min(self.done, self.total), self.total)
+
+        return step
+
+
 @dataclass
 class SampleRequest:
     """One image to draw: prompt ``prompt_index``, sample ``sample`` with seed ``seed``."""
@@ -74,6 +111,7 @@ class Pipeline:
         self.max_text_len = info.get("max_text_len")
         self.device = torch.device(device)
         self.batch_sizer: BatchSizer | None = None  # the last run's batch size (after backoff)
+        self.last_completion_mask: torch.Tensor | None = None  # [h, w] codes redrawn by complete()
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -143,44 +181,212 @@ class Pipeline:
     def __call__(self, prompts: str | Sequence[str], num_images: int = 4, seed: int = 0,
                  temperature: float = 1.0, top_k: int | None = 200, top_p: float = 1.0,
                  cfg_scale: float = 1.0, max_inference_batch_size: int = 12,
-                 image_tokens: int | None = None, progress: bool = True):
+                 image_tokens: int | None = None, progress: bool = True,
+                 reranker: "Pipeline | None" = None, num_candidates: int | None = None,
+                 callback: ProgressCallback | None = None):
         """Text-to-image: one prompt -> a list of ``num_images`` PIL images; a list of prompts
         -> a list of such lists. Sample i of each prompt uses seed ``seed + i``.
 
         Batches hold up to ``max_inference_batch_size`` samples (from any prompts) and shrink
         on out-of-memory; the result does not depend on the batch size.
+
+        reranker: a caption Pipeline (CogView's post-selection). Draws ``num_candidates``
+        (default 2 * num_images) per prompt, scores each with ``reranker.caption_scores`` and
+        keeps the ``num_images`` best; returns ``(images, scores)`` (per prompt for a list),
+        best first. Candidate i still uses seed ``seed + i``.
+        callback: ``callback(done_tokens, total_tokens)`` as image codes are generated.
         """
         single = isinstance(prompts, str)
         prompt_list = [prompts] if single else list(prompts)
         if not prompt_list:
             raise ValueError("no prompts given: pass a prompt or a list of prompts")
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-            raise ValueError(f"num_images={num_images!r} must be a positive int")
+        check_count("num_images", num_images)
+        draws = num_images
+        if reranker is not None:
+            draws = 2 * num_images if num_candidates is None else num_candidates
+            check_count("num_candidates", draws)
+            if draws < num_images:
+                raise ValueError(f"num_candidates={draws} is below num_images={num_images}: "
+                                 "reranking keeps the best num_images of num_candidates")
+        elif num_candidates is not None:
+            raise ValueError("num_candidates needs a reranker (a caption Pipeline): "
+                             "pipe(prompt, reranker=Pipeline.from_pretrained(caption_export))")
         image_tokens = self.image_tokens if image_tokens is None else image_tokens
         side = grid_side(image_tokens)
         names = ["prompt"] if single else [f"prompt {i}" for i in range(len(prompt_list))]
         encoded = [self.encode_prompt(p, n) for p, n in zip(prompt_list, names)]  # check all first
         requests = [SampleRequest(p, i, seed + i, ids)
-                    for p, ids in enumerate(encoded) for i in range(num_images)]
+                    for p, ids in enumerate(encoded) for i in range(draws)]
+        tracker = TokenProgress(callback, len(requests) * image_tokens)
 
         def draw(chunk: list[SampleRequest]) -> list[Image.Image]:
             from cogview.generation.sampling import generate_images
-            from cogview.visualize import tensor_to_pil
 
             codes = generate_images(
                 self.model, self.vocab, [r.text_ids for r in chunk], image_tokens,
                 [r.seed for r in chunk], temperature=temperature, top_k=top_k, top_p=top_p,
-                cfg_scale=cfg_scale, max_text_len=self.max_text_len)  # (b, h*w)
-            pixels = self.image_tokenizer.decode(codes.view(-1, side, side))  # (b, 3, 8h, 8w)
-            return [tensor_to_pil(image) for image in pixels.cpu()]
+                cfg_scale=cfg_scale, max_text_len=self.max_text_len,
+                callback=tracker.chunk(len(chunk)))  # (b, h*w)
+            return self.decode_codes(codes.view(-1, side, side))
 
         self.batch_sizer = BatchSizer(max_inference_batch_size)
         images = run_in_batches(
             requests, draw, sizer=self.batch_sizer, desc="sampling", progress=progress,
             describe=lambda r: f"sample {r.sample} of {names[r.prompt_index]} "
                                f"({prompt_list[r.prompt_index][:40]!r})")
-        per_prompt = [images[p * num_images:(p + 1) * num_images] for p in range(len(prompt_list))]
-        return per_prompt[0] if single else per_prompt
+        per_prompt = [images[p * draws:(p + 1) * draws] for p in range(len(prompt_list))]
+        if reranker is None:
+            return per_prompt[0] if single else per_prompt
+        ranked = []
+        for prompt, candidates in zip(prompt_list, per_prompt):
+            scores = reranker.caption_scores(candidates, [prompt] * len(candidates),
+                                             max_inference_batch_size=max_inference_batch_size,
+                                             progress=False)
+            order = sorted(range(len(candidates)), key=lambda i: -scores[i])[:num_images]
+            best = [candidates[i] for i in order]
+            for i, image in zip(order, best):
+                image.info.update(sample=i, seed=seed + i, caption_score=scores[i])
+            ranked.append((best, [scores[i] for i in order]))
+        return ranked[0] if single else ranked
+
+    def decode_codes(self, codes: torch.Tensor) -> list[Image.Image]:
+        """Code grids [B, h, w] -> B PIL images through the VQ-VAE decoder."""
+        from cogview.visualize import tensor_to_pil
+
+        pixels = self.image_tokenizer.decode(codes.to(self.device))  # (B, 3, 8h, 8w) in [0, 1]
+        return [tensor_to_pil(image) for image in pixels.float().cpu()]
+
+    def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Same-size RGB PIL images -> code grids LongTensor [B, h, w] (on the CPU)."""
+        return self.image_tokenizer.encode(list(images)).long().cpu()
+
+    # ------------------------------------------------------------------ completion
+    @torch.inference_mode()
+    def complete(self, image: Image.Image | str | Path, prompt: str,
+                 region: str | Sequence[int] = "bottom", num_images: int = 4, seed: int = 0,
+                 temperature: float = 1.0, top_k: int | None = 200, top_p: float = 1.0,
+                 max_inference_batch_size: int = 12, progress: bool = True,
+                 callback: ProgressCallback | None = None) -> list[Image.Image]:
+        """Image completion with a t2i export: keeps the image outside ``region`` and redraws
+        the codes inside it ("bottom", "top", "left", "right" half, or a pixel box
+        [left, top, right, bottom] of the image at the export's size) -> ``num_images`` images.
+        The known codes come back unchanged (a code is redrawn when its 8x8 cell overlaps the
+        region); sample i uses seed ``seed + i``."""
+        from cogview.generation.completion import known_codes, region_mask
+        from cogview.generation.sampling import generate_images
+
+        check_count("num_images", num_images)
+        text_ids = self.encode_prompt(prompt)
+        picture = self.prepare_image(image)
+        codes = self.encode_images([picture])  # (1, h, w)
+        h, w = codes.shape[1:]
+        mask = region_mask(region, picture.height, picture.width)
+        known = known_codes(codes, mask).flatten(1)  # (1, h*w), -1 = redraw
+        tracker = TokenProgress(callback, num_images * int(mask.sum()))
+        self.last_completion_mask = mask
+
+        def draw(samples: list[int]) -> list[Image.Image]:
+            new = generate_images(
+                self.model, self.vocab, [text_ids] * len(samples), h * w,
+                [seed + i for i in samples], temperature=temperature, top_k=top_k, top_p=top_p,
+                max_text_len=self.max_text_len, known_codes=known.expand(len(samples), -1),
+                callback=tracker.chunk(len(samples), int(mask.sum()), h * w))
+            return self.decode_codes(new.view(-1, h, w))
+
+        self.batch_sizer = BatchSizer(max_inference_batch_size)
+        return run_in_batches(list(range(num_images)), draw, sizer=self.batch_sizer,
+                              desc="completing", progress=progress,
+                              describe=lambda i: f"completion sample {i}")
+
+    # ------------------------------------------------------------------ super-resolution
+    @property
+    def sr_window(self) -> int:
+        """The low-res side of the sr model's window (image_tokens = (2 * window)^2)."""
+        return grid_side(self.image_tokens) // 2
+
+    @torch.inference_mode()
+    def super_resolve(self, images, prompts: str | Sequence[str], seed: int = 0,
+                      temperature: float = 1.0, top_k: int | None = 200, top_p: float = 1.0,
+                      max_inference_batch_size: int = 12, progress: bool = True,
+                      callback: ProgressCallback | None = None) -> list[Image.Image]:
+        """Token-space 2x super-resolution with an sr export: images (PIL or paths, any size
+        that is a multiple of 8 pixels per window; they are centre-cropped to a square multiple
+        of the window) + their captions -> images of twice the side.
+
+        An image of the model's window (e.g. 64 px for a 64 -> 128 px model) is one window;
+        a larger one runs CogView's sliding 3x3 windows (each high-res code drawn once, each
+        window continuing its neighbours). Image i uses seed ``seed + i``.
+        """
+        from cogview.data.images import load_image, resize_center_crop, to_rgb
+        from cogview.generation.superres import plan_sr_windows, sliding_window_sr
+
+        if isinstance(images, (str, Path, Image.Image)):
+            images = [images]
+        images = list(images)
+        prompt_list = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+        if not images:
+            raise ValueError("no images given to super-resolve")
+        if len(prompt_list) != len(images):
+            raise ValueError(f"got {len(images)} images and {len(prompt_list)} prompts; pass one "
+                             "prompt per image (or one str for all)")
+        window_px = 8 * self.sr_window
+        pictures = []
+        for index, image in enumerate(images):
+            picture = to_rgb(image) if isinstance(image, Image.Image) else load_image(image)
+            side = min(picture.size)
+            if side < window_px:
+                raise ValueError(f"image {index} is {picture.width}x{picture.height}: smaller "
+                                 f"than the sr model's window of {window_px} px; upscale it first")
+            pictures.append(resize_center_crop(picture, side - side % 8))
+        if len({p.size for p in pictures}) > 1:
+            raise ValueError("images of different sizes: super-resolve each size in its own call "
+                             f"(got {sorted({p.size for p in pictures})})")
+        texts = [self.encode_prompt(p, f"prompt {i}") for i, p in enumerate(prompt_list)]
+        lowres = self.encode_images(pictures)  # (B, L, L)
+        per_image = len(plan_sr_windows(lowres.shape[1], self.sr_window)) * self.image_tokens
+        tracker = TokenProgress(callback, len(images) * per_image)
+        indexed = list(range(len(images)))
+
+        def draw(chunk: list[int]) -> list[Image.Image]:
+            highres = sliding_window_sr(
+                self.model, self.vocab, [texts[i] for i in chunk], lowres[chunk], self.sr_window,
+                [seed + i for i in chunk], temperature=temperature, top_k=top_k, top_p=top_p,
+                max_text_len=self.max_text_len, callback=tracker.chunk(len(chunk), per_image))
+            return self.decode_codes(highres)
+
+        self.batch_sizer = BatchSizer(max_inference_batch_size)
+        return run_in_batches(indexed, draw, sizer=self.batch_sizer, desc="super-resolving",
+                              progress=progress, describe=lambda i: f"image {i}")
+
+    # ------------------------------------------------------------------ caption scores
+    @torch.inference_mode()
+    def caption_scores(self, images, prompts: str | Sequence[str],
+                       max_inference_batch_size: int = 12, progress: bool = True) -> list[float]:
+        """Caption score with a caption export: mean log P(prompt tokens | image) per
+        (image, prompt) pair; higher means the caption fits the image better."""
+        from cogview.generation.scoring import caption_log_likelihood
+
+        if isinstance(images, (str, Path, Image.Image)):
+            images = [images]
+        pictures = [self.prepare_image(image) for image in images]
+        prompt_list = [prompts] * len(pictures) if isinstance(prompts, str) else list(prompts)
+        if not pictures:
+            raise ValueError("no images given to score")
+        if len(prompt_list) != len(pictures):
+            raise ValueError(f"got {len(pictures)} images and {len(prompt_list)} prompts; pass "
+                             "one prompt per image (or one str for all)")
+        texts = [self.encode_prompt(p, f"prompt {i}") for i, p in enumerate(prompt_list)]
+
+        def score(chunk: list[int]) -> list[float]:
+            codes = self.encode_images([pictures[i] for i in chunk]).flatten(1)  # (b, h*w)
+            values = caption_log_likelihood(self.model, self.vocab, list(codes),
+                                            [texts[i] for i in chunk],
+                                            max_text_len=self.max_text_len)
+            return [float(v) for v in values]
+
+        self.batch_sizer = BatchSizer(max_inference_batch_size)
+        return run_in_batches(list(range(len(pictures))), score, sizer=self.batch_sizer,
+                              desc="scoring", progress=progress, describe=lambda i: f"image {i}")
 
     # ------------------------------------------------------------------ caption
     @property

@@ -50,3 +50,19 @@ def make_exports(root, t2i_text_len: int, caption_text_len: int):
     CaptionTask(model=model, vqvae_dir=str(root / "vq"),
                 max_text_len=caption_text_len).export(root / "caption")
     return root
+
+
+def make_sr_export(root, text_len: int = 8, hr_tokens: int = 64):
+    """A tiny random sr export whose window is sqrt(hr_tokens)/2 low-res codes per side
+    (64 -> 8x8 high-res codes from 4x4 low-res: 32 px in, 64 px out per window)."""
+    import torch
+
+    from cogview.tasks.sr import SRTask
+
+    if not (root / "vq").exists():
+        make_vqvae(root / "vq", num_codes=64)
+    torch.manual_seed(0)
+    task = SRTask(model=dict(num_layers=2, hidden_size=64, num_heads=2, max_positions=512),
+                  vqvae_dir=str(root / "vq"), max_text_len=text_len)
+    task.image_tokens = hr_tokens
+    return task.export(root / "sr")

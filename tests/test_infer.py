@@ -110,3 +110,112 @@ def test_infer_py_caption_reports_a_corrupt_image_and_captions_the_rest(exports,
     for row in (rows[0], rows[2]):
         assert "error" not in row and isinstance(row["caption"], str)
         assert 0 < len(row["caption"]) <= 6  # max_len defaults to the export's max_text_len
+
+
+# ------------------------------------------------------------------------------ rerank, sr, complete
+
+
+@pytest.fixture(scope="module")
+def sr_export(exports):
+    from tests.helpers import make_sr_export
+
+    return make_sr_export(exports, text_len=8, hr_tokens=64)
+
+
+def test_t2i_with_rerank_keeps_the_best_candidates_with_their_scores(exports, tmp_path):
+    out = tmp_path / "ranked"
+    infer_in_process("task=t2i", f"ckpt={exports / 't2i'}", "prompts=['红色的圆形','蓝色']",
+                     f"rerank.ckpt={exports / 'caption'}", "num_candidates=4", "keep=2",
+                     "image_tokens=16", "seed=5", f"output_dir={out}")
+    rows = read_rows(out / "results.jsonl")
+    assert [(r["id"], r["rank"]) for r in rows] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for prompt_rows in (rows[:2], rows[2:]):
+        scores = [r["caption_score"] for r in prompt_rows]
+        assert scores == sorted(scores, reverse=True)
+        assert all(0 <= r["sample"] < 4 and r["seed"] == 5 + r["sample"] for r in prompt_rows)
+        assert all(r["num_candidates"] == 4 for r in prompt_rows)
+    # the scores are the caption scores of the saved images (task=rerank recomputes them)
+    ranked = tmp_path / "rescored"
+    infer_in_process("task=rerank", f"ckpt={exports / 'caption'}", "prompt='红色的圆形'",
+                     f"images=[{out / rows[1]['path']},{out / rows[0]['path']}]",
+                     f"output_dir={ranked}")
+    rescored = read_rows(ranked / "results.jsonl")
+    assert [r["rank"] for r in rescored] == [0, 1]
+    assert [r["caption_score"] for r in rescored] == pytest.approx(
+        [rows[0]["caption_score"], rows[1]["caption_score"]], abs=1e-4)
+    assert (ranked / "ranked.png").is_file()
+
+
+def test_rerank_needs_a_prompt_and_reports_bad_images(exports, tmp_path):
+    with pytest.raises(ValueError, match="needs the prompt"):
+        infer_in_process("task=rerank", f"ckpt={exports / 'caption'}", "images=[x.png]")
+    good = tmp_path / "good.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(good)
+    infer_in_process("task=rerank", f"ckpt={exports / 'caption'}", "prompt='红色'",
+                     f"images=[{good},{tmp_path / 'missing.png'}]", f"output_dir={tmp_path / 'o'}")
+    rows = read_rows(tmp_path / "o" / "results.jsonl")
+    assert rows[0]["rank"] == 0 and "missing.png" in rows[1]["error"]
+
+
+def test_infer_sr_one_window_sliding_windows_and_from_results(exports, sr_export, tmp_path):
+    images = tmp_path / "in"
+    images.mkdir()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(images / "a_small.png")  # one 4x4 window
+    Image.new("RGB", (64, 64), (30, 30, 200)).save(images / "b_large.png")  # 8x8: 3x3 windows
+    (images / "c_broken.png").write_bytes(b"not a png")
+    out = tmp_path / "sr"
+    infer_in_process("task=sr", f"ckpt={sr_export}", f"images=[{images}]", "prompts=['红色']",
+                     f"output_dir={out}")
+    rows = read_rows(out / "results.jsonl")
+    assert [r.get("size") for r in rows] == [[64, 64], [128, 128], None]
+    assert "error" in rows[2]
+    for row in rows[:2]:
+        assert Image.open(out / row["path"]).size == tuple(row["size"])
+        assert Image.open(out / row["pair"]).width == 2 * row["size"][0] + 2  # bicubic | sr
+    # generated images in, with their prompts
+    t2i_out = tmp_path / "t2i"
+    infer_in_process("task=t2i", f"ckpt={exports / 't2i'}", "prompts=['绿色']", "num_samples=1",
+                     "image_tokens=16", f"output_dir={t2i_out}")
+    infer_in_process("task=sr", f"ckpt={sr_export}", f"from_results={t2i_out}",
+                     f"output_dir={tmp_path / 'sr2'}")
+    (row,) = read_rows(tmp_path / "sr2" / "results.jsonl")
+    assert row["prompt"] == "绿色" and row["size"] == [64, 64]
+    with pytest.raises(ValueError, match="caption of every image"):
+        infer_in_process("task=sr", f"ckpt={sr_export}", f"images=[{images}]",
+                         f"output_dir={tmp_path / 'sr3'}")
+
+
+def test_infer_complete_writes_samples_and_a_picture_with_the_region(exports, tmp_path):
+    source = tmp_path / "src.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(source)
+    out = tmp_path / "done"
+    infer_in_process("task=complete", f"ckpt={exports / 't2i'}", f"image={source}",
+                     "prompt='红色'", "region=[0,32,64,64]", "num_samples=2", f"output_dir={out}")
+    rows = read_rows(out / "results.jsonl")
+    assert [(r["sample"], r["seed"]) for r in rows] == [(0, 0), (1, 1)]
+    assert Image.open(out / "grid.png").size == (4 * 64 + 3 * 2, 64)  # original | region | 2
+    with pytest.raises(ValueError, match="needs a prompt"):
+        infer_in_process("task=complete", f"ckpt={exports / 't2i'}", f"image={source}")
+
+
+# ------------------------------------------------------------------------------ torchrun
+
+
+@pytest.mark.distributed
+def test_torchrun_two_processes_shard_prompts_and_merge_results(exports, tmp_path):
+    prompts = "prompts=['红色的圆形','蓝色的正方形','绿色','黄色的三角形','紫色']"
+    common = ["task=t2i", f"ckpt={exports / 't2i'}", prompts, "num_samples=2", "image_tokens=16",
+              "seed=11"]
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         "--master_port=29533", "infer.py", *common, f"output_dir={tmp_path / 'two'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "from 2 process(es)" in result.stdout + result.stderr
+    infer_in_process(*common, f"output_dir={tmp_path / 'one'}")
+    two = read_rows(tmp_path / "two" / "results.jsonl")
+    one = read_rows(tmp_path / "one" / "results.jsonl")
+    assert two == one  # same rows, same order, each prompt once
+    for row in one:  # and the same images: sharding does not change a sample
+        assert (Image.open(tmp_path / "two" / row["path"]).tobytes()
+                == Image.open(tmp_path / "one" / row["path"]).tobytes())

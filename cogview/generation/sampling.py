@@ -23,7 +23,7 @@ layout with the text span removed) into one batch of 2B rows and mixes their log
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -272,7 +272,8 @@ def generate_span(model: nn.Module, prompts, span_kind: str | None, num_tokens: 
                   vocab: CogViewVocab, *, temperature: float = 1.0, top_k: int | None = 200,
                   top_p: float = 1.0, seeds: Sequence[int] | None = None, greedy: bool = False,
                   stop_ids: Sequence[int] | None = None, cfg_scale: float = 1.0,
-                  uncond_prompts=None, use_kv_cache: bool = True) -> torch.Tensor:
+                  uncond_prompts=None, use_kv_cache: bool = True, known: torch.Tensor | None = None,
+                  callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Samples the next ``num_tokens`` ids of an image or text span -> LongTensor [B, num_tokens].
 
     prompts: a list of prompt Layouts (``t2i_prompt`` ...) or a batch collated with
@@ -286,6 +287,11 @@ def generate_span(model: nn.Module, prompts, span_kind: str | None, num_tokens: 
     cfg_scale, uncond_prompts: classifier-free guidance, run when cfg_scale != 1 or
         uncond_prompts is given; uncond_prompts default to the prompts without their text.
     use_kv_cache: False recomputes the whole sequence at every step (reference, benchmarks).
+    known: LongTensor [B, num_tokens] of vocabulary ids to keep (-1: sample this position):
+        image completion and sliding-window super-resolution feed known tokens in place.
+        Known positions still draw their row's random number, so the sampled positions depend
+        only on (seed, prompt, known), not on the rest of the batch.
+    callback: called as ``callback(step, num_tokens)`` after each generated position.
     Returns vocabulary ids (image codes are ids [0, K); text ids are tokenizer ids + K).
     """
     check_sampling_args(temperature, top_k, top_p)
@@ -309,6 +315,16 @@ def generate_span(model: nn.Module, prompts, span_kind: str | None, num_tokens: 
             raise ValueError(f"got {len(seeds)} seeds for {batch_size} prompts; "
                              "pass one per prompt")
 
+    if known is not None:
+        known = torch.as_tensor(known).long()
+        if known.shape != (batch_size, num_tokens):
+            raise ValueError(f"known has shape {tuple(known.shape)}; it must be "
+                             f"[{batch_size}, {num_tokens}] (one row per prompt, -1 = sample)")
+        lo, hi = vocab.image_range if span_kind == "image" else vocab.text_range
+        given = known[known >= 0]
+        if given.numel() and (int(given.min()) < lo or int(given.max()) >= hi):
+            raise ValueError(f"known ids must be -1 or {span_kind} ids in [{lo}, {hi}); got "
+                             f"values in [{int(given.min())}, {int(given.max())}]")
     batch, guided = _guidance_batch(prompts, cond, uncond_prompts, cfg_scale, vocab)
 
     device = next(model.parameters()).device
@@ -337,6 +353,8 @@ def generate_span(model: nn.Module, prompts, span_kind: str | None, num_tokens: 
     stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
     generators = row_generators(seeds, device) if sampling else None
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    if known is not None:
+        known = known.to(device)
 
     with _generation_mode(model):
         if use_kv_cache:
@@ -354,9 +372,14 @@ def generate_span(model: nn.Module, prompts, span_kind: str | None, num_tokens: 
                 cond_logits, uncond_logits = logits[:batch_size], logits[batch_size:]
                 logits = uncond_logits + cfg_scale * (cond_logits - uncond_logits)  # (B, V')
             choice = sample_logits(logits, temperature, top_k, top_p, generators, not sampling)
-            token = candidates[choice].masked_fill(finished, vocab.pad_id)  # (B,)
+            token = candidates[choice]  # (B,)
+            if known is not None:
+                token = torch.where(known[:, step] >= 0, known[:, step], token)
+            token = token.masked_fill(finished, vocab.pad_id)
             out[:, step] = token
             finished |= torch.isin(token, stops)
+            if callback is not None:
+                callback(step + 1, num_tokens)
             if step + 1 == num_tokens or bool(finished.all()):
                 break
             ids[:, end] = token.repeat(rows // batch_size)  # cond and uncond rows alike
@@ -380,18 +403,29 @@ def generate_images(model: nn.Module, vocab: CogViewVocab, text_ids_list: Sequen
                     image_tokens: int, seeds: Sequence[int] | None = None, *,
                     temperature: float = 1.0, top_k: int | None = 200, top_p: float = 1.0,
                     greedy: bool = False, cfg_scale: float = 1.0,
-                    max_text_len: int | None = None) -> torch.Tensor:
+                    max_text_len: int | None = None, known_codes: torch.Tensor | None = None,
+                    callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """t2i: tokenizer-space text ids per sample -> image codes [B, image_tokens] in [0, K).
 
     The prompt is ``[ROI1] text [BASE] [BOI1]``; with cfg_scale != 1 the unconditional prompt
-    is the same with an empty caption.
+    is the same with an empty caption. known_codes [B, image_tokens] (codes, -1 = generate)
+    keeps those codes in place: image completion.
     """
     if isinstance(image_tokens, bool) or not isinstance(image_tokens, int) or image_tokens < 1:
         raise ValueError(f"image_tokens={image_tokens!r} must be a positive int (h * w codes)")
     prompts = [t2i_prompt(vocab, text, max_text_len=max_text_len) for text in text_ids_list]
     ids = generate_span(model, prompts, "image", image_tokens, vocab, temperature=temperature,
-                        top_k=top_k, top_p=top_p, seeds=seeds, greedy=greedy, cfg_scale=cfg_scale)
+                        top_k=top_k, top_p=top_p, seeds=seeds, greedy=greedy, cfg_scale=cfg_scale,
+                        known=_known_ids(vocab, known_codes), callback=callback)
     return ids - vocab.image_range[0]
+
+
+def _known_ids(vocab: CogViewVocab, known_codes: torch.Tensor | None) -> torch.Tensor | None:
+    """Image codes with -1 for unknown -> vocabulary ids with -1 for unknown."""
+    if known_codes is None:
+        return None
+    known_codes = torch.as_tensor(known_codes).long()
+    return torch.where(known_codes >= 0, known_codes + vocab.image_range[0], known_codes)
 
 
 def generate_captions(model: nn.Module, vocab: CogViewVocab, image_codes_list: Sequence,
@@ -425,10 +459,14 @@ def generate_sr(model: nn.Module, vocab: CogViewVocab, text_ids_list: Sequence,
                 lowres_codes_list: Sequence, hr_tokens: int, seeds: Sequence[int] | None = None, *,
                 windows: int | Sequence[int] = 0, temperature: float = 1.0,
                 top_k: int | None = 200, top_p: float = 1.0, greedy: bool = False,
-                cfg_scale: float = 1.0, max_text_len: int | None = None) -> torch.Tensor:
+                cfg_scale: float = 1.0, max_text_len: int | None = None,
+                known_codes: torch.Tensor | None = None,
+                callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """sr: caption + low-res codes per sample -> high-res codes LongTensor [B, hr_tokens] in [0, K).
 
     ``windows``: the [POS<w>] window (0..8) of every sample, or one per sample.
+    ``known_codes`` [B, hr_tokens] (-1 = generate): high-res codes already fixed, e.g. by the
+    overlapping windows of ``cogview.generation.superres.sliding_window_sr``.
     """
     if isinstance(hr_tokens, bool) or not isinstance(hr_tokens, int) or hr_tokens < 1:
         raise ValueError(f"hr_tokens={hr_tokens!r} must be a positive int (h * w high-res codes)")
@@ -439,5 +477,6 @@ def generate_sr(model: nn.Module, vocab: CogViewVocab, text_ids_list: Sequence,
     prompts = [sr_prompt(vocab, text, lowres, window=window, max_text_len=max_text_len)
                for text, lowres, window in zip(text_ids_list, lowres_codes_list, windows)]
     ids = generate_span(model, prompts, "image", hr_tokens, vocab, temperature=temperature,
-                        top_k=top_k, top_p=top_p, seeds=seeds, greedy=greedy, cfg_scale=cfg_scale)
+                        top_k=top_k, top_p=top_p, seeds=seeds, greedy=greedy, cfg_scale=cfg_scale,
+                        known=_known_ids(vocab, known_codes), callback=callback)
     return ids - vocab.image_range[0]

@@ -1,0 +1,215 @@
+"""Completion, sliding-window super-resolution and caption scores: the generation primitives
+(known tokens kept, each high-res code sampled once, per-sample seeding) and the Pipeline."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cogview.generation import generate_images, generate_sr
+from cogview.generation.completion import known_codes, region_mask
+from cogview.generation.scoring import caption_log_likelihood
+from cogview.generation.superres import plan_sr_windows, sliding_window_sr, window_offsets
+from cogview.modules.transformer import CogViewTransformer, TransformerConfig
+from cogview.tokenization import CogViewVocab
+from tests.helpers import make_exports, make_sr_export
+
+VOCAB = CogViewVocab(num_image_codes=32, text_vocab_size=50)
+K = VOCAB.num_image_codes
+
+
+@pytest.fixture(scope="module")
+def model() -> CogViewTransformer:
+    torch.manual_seed(0)
+    config = TransformerConfig(num_layers=2, hidden_size=64, num_heads=4, max_positions=320,
+                               vocab_size=VOCAB.size)
+    return CogViewTransformer(config).eval()
+
+
+# ------------------------------------------------------------------------------ completion
+
+
+@pytest.mark.parametrize("region, expected_rows, expected_cols", [
+    ("bottom", slice(4, 8), slice(0, 8)), ("top", slice(0, 4), slice(0, 8)),
+    ("right", slice(0, 8), slice(4, 8)), ("left", slice(0, 8), slice(0, 4)),
+    ([10, 20, 30, 24], slice(2, 3), slice(1, 4)),  # pixels 10..30 wide, 20..24 high
+])
+def test_region_mask_marks_the_codes_whose_cells_overlap_the_region(region, expected_rows,
+                                                                     expected_cols):
+    mask = region_mask(region, 64, 64)
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[expected_rows, expected_cols] = True
+    assert torch.equal(mask, expected)
+
+
+@pytest.mark.parametrize("region, message", [
+    ("middle", "must be one of"), ([5, 5, 5, 9], "covers no pixels"), ([1, 2, 3], "pixel box"),
+    ([100, 100, 120, 120], "covers no pixels"),
+])
+def test_bad_regions_are_refused_with_the_fix(region, message):
+    with pytest.raises(ValueError, match=message):
+        region_mask(region, 64, 64)
+
+
+def test_completion_keeps_known_codes_and_samples_the_rest_per_seed(model):
+    torch.manual_seed(1)
+    codes = torch.randint(0, K, (2, 4, 4))
+    mask = region_mask("bottom", 32, 32)
+    known = known_codes(codes, mask).flatten(1)  # (2, 16)
+    texts = [[1, 2, 3], [4, 5]]
+    out = generate_images(model, VOCAB, texts, 16, [7, 8], known_codes=known)
+    keep = ~mask.flatten()
+    assert torch.equal(out[:, keep], codes.flatten(1)[:, keep])
+    assert out[:, ~keep].min() >= 0 and out[:, ~keep].max() < K
+    # a row's completion does not depend on its batch
+    alone = generate_images(model, VOCAB, texts[1:], 16, [8], known_codes=known[1:])
+    assert torch.equal(alone[0], out[1])
+    # the redrawn half really is sampled: other seeds give other codes there
+    other = generate_images(model, VOCAB, texts, 16, [70, 80], known_codes=known)
+    assert not torch.equal(other[:, ~keep], out[:, ~keep])
+
+
+def test_known_tokens_are_checked(model):
+    with pytest.raises(ValueError, match="known has shape"):
+        generate_images(model, VOCAB, [[1]], 16, [0], known_codes=torch.full((1, 8), -1))
+    with pytest.raises(ValueError, match="known ids must be"):
+        generate_images(model, VOCAB, [[1]], 16, [0], known_codes=torch.full((1, 16), K + 5))
+
+
+# ------------------------------------------------------------------------------ sliding-window sr
+
+
+@pytest.mark.parametrize("side, window, offsets", [
+    (4, 4, [0]), (8, 4, [0, 2, 4]), (16, 8, [0, 4, 8]), (12, 4, [0, 2, 4, 6, 8]),
+])
+def test_window_offsets_cover_the_grid_with_half_window_overlap(side, window, offsets):
+    assert window_offsets(side, window) == offsets
+
+
+@pytest.mark.parametrize("side, window", [(4, 4), (8, 4), (16, 8), (10, 4), (12, 4)])
+def test_every_high_res_code_is_generated_by_exactly_one_window(side, window):
+    counts = torch.zeros(2 * side, 2 * side, dtype=torch.long)
+    plan = plan_sr_windows(side, window)
+    for win in plan:
+        t, l, b, r = win.hr_box
+        assert (b - t, r - l) == (2 * window, 2 * window) and b <= 2 * side and r <= 2 * side
+        counts[t:b, l:r] += win.new.long()
+    assert torch.equal(counts, torch.ones_like(counts))
+    if side == 2 * window:
+        assert len(plan) == 9  # CogView's 3x3
+
+
+def test_window_larger_than_the_image_is_refused():
+    with pytest.raises(ValueError, match="smaller than the sr model's window"):
+        plan_sr_windows(3, 4)
+
+
+def test_sliding_windows_keep_earlier_windows_codes_and_sample_each_code_once(model):
+    """The output equals a replay that runs the windows one by one with the known codes: each
+    window keeps what earlier windows produced (the overlap) and samples only its new codes."""
+    torch.manual_seed(2)
+    lowres = torch.randint(0, K, (2, 8, 8))  # 8x8 low-res, window 4 -> 16x16 high-res, 9 windows
+    texts = [[1, 2], [3]]
+    calls = []
+    out = sliding_window_sr(model, VOCAB, texts, lowres, 4, [3, 4],
+                            callback=lambda d, t: calls.append((d, t)))
+    assert out.shape == (2, 16, 16) and out.min() >= 0 and out.max() < K
+    assert calls[-1] == (9 * 64, 9 * 64)
+    canvas = torch.full((2, 16, 16), -1)
+    for win in plan_sr_windows(8, 4):
+        t, l, b, r = win.hr_box
+        known = canvas[:, t:b, l:r].reshape(2, 64)
+        assert torch.equal(known >= 0, ~win.new.flatten().expand(2, -1))
+        codes = generate_sr(model, VOCAB, texts,
+                            list(lowres[:, win.top:win.top + 4, win.left:win.left + 4].reshape(2, 16)),
+                            64, [3 * 1000 + win.index, 4 * 1000 + win.index], known_codes=known)
+        assert torch.equal(codes[known >= 0], known[known >= 0])  # overlap kept
+        canvas[:, t:b, l:r] = codes.view(2, 8, 8)
+    assert torch.equal(canvas, out)
+    single = sliding_window_sr(model, VOCAB, texts[1:], lowres[1:], 4, [4])
+    assert torch.equal(single[0], out[1])  # per-sample seeding holds across windows
+
+
+# ------------------------------------------------------------------------------ caption score
+
+
+def test_caption_score_is_the_mean_log_probability_of_the_text(model):
+    codes = [torch.arange(16) % K, (torch.arange(16) * 3) % K]
+    texts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    scores = caption_log_likelihood(model, VOCAB, codes, texts)
+    for b in range(2):  # reference: one unpadded sequence, log-softmax at each text position
+        from cogview.tokenization.layouts import caption_layout
+
+        layout = caption_layout(VOCAB, texts[b], codes[b])
+        ids = layout.input_ids[None]
+        with torch.no_grad():
+            logits = model(ids, layout.position_ids[None], torch.ones_like(ids, dtype=torch.bool))
+        logp = torch.log_softmax(logits[0, :-1].float(), -1)
+        picked = [float(logp[t, ids[0, t + 1]]) for t in range(ids.shape[1] - 1)
+                  if layout.text_mask[t + 1]]
+        assert len(picked) == len(texts[b])
+        assert float(scores[b]) == pytest.approx(sum(picked) / len(picked), abs=1e-5)
+
+
+def test_caption_score_bad_input():
+    with pytest.raises(ValueError, match="one text per image"):
+        caption_log_likelihood(None, VOCAB, [torch.zeros(4)], [[1], [2]])
+
+
+# ------------------------------------------------------------------------------ the Pipeline
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    from cogview import Pipeline
+
+    root = tmp_path_factory.mktemp("gen_exports")
+    make_exports(root, 8, 8)
+    make_sr_export(root, text_len=8, hr_tokens=64)
+    return {name: Pipeline.from_pretrained(root / name) for name in ("t2i", "caption", "sr")}
+
+
+def noise_image(size: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+
+
+def test_pipeline_super_resolves_one_window_and_sliding_windows(pipes):
+    sr = pipes["sr"]
+    assert sr.sr_window == 4  # 8x8 high-res codes from 4x4 low-res per window
+    calls = []
+    one = sr.super_resolve(noise_image(32), "红色", seed=1, progress=False,
+                           callback=lambda d, t: calls.append((d, t)))
+    assert [image.size for image in one] == [(64, 64)] and calls[-1] == (64, 64)
+    many = sr.super_resolve([noise_image(64, 1), noise_image(64, 2)], ["红色", "蓝色"],
+                            seed=1, progress=False, max_inference_batch_size=1)
+    assert [image.size for image in many] == [(128, 128)] * 2
+    with pytest.raises(ValueError, match="smaller than the sr model's window"):
+        sr.super_resolve(noise_image(16), "红色", progress=False)
+    with pytest.raises(ValueError, match="one prompt per image"):
+        sr.super_resolve([noise_image(32)] * 2, ["a", "b", "c"], progress=False)
+
+
+def test_pipeline_completion_and_rerank(pipes):
+    t2i, caption = pipes["t2i"], pipes["caption"]
+    source = noise_image(64)
+    filled = t2i.complete(source, "红色", region="right", num_images=3, seed=0, progress=False)
+    assert len(filled) == 3 and all(image.size == (64, 64) for image in filled)
+    assert int(t2i.last_completion_mask.sum()) == 32  # right half of 8x8 codes
+    with pytest.raises(ValueError, match="empty"):
+        t2i.complete(source, " ", progress=False)
+
+    best, scores = t2i("红色", num_images=2, reranker=caption, num_candidates=4, seed=3,
+                       progress=False)
+    assert len(best) == 2 and scores == sorted(scores, reverse=True)
+    candidates = t2i("红色", num_images=4, seed=3, progress=False)
+    all_scores = caption.caption_scores(candidates, "红色", progress=False)
+    assert scores == sorted(all_scores, reverse=True)[:2]
+    for image, score in zip(best, scores):
+        index = image.info["sample"]
+        assert image.info["seed"] == 3 + index and all_scores[index] == score
+        assert np.array_equal(np.asarray(image), np.asarray(candidates[index]))
+    with pytest.raises(ValueError, match="num_candidates=1 is below"):
+        t2i("红色", num_images=2, reranker=caption, num_candidates=1, progress=False)
+    with pytest.raises(ValueError, match="needs a reranker"):
+        t2i("红色", num_images=2, num_candidates=4, progress=False)
