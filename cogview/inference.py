@@ -142,7 +142,8 @@ def load_pipeline(cfg: DictConfig, ckpt: str | None = None, task: str | None = N
     from cogview.pipeline import Pipeline
 
     ckpt, task = ckpt or cfg.ckpt, task or cfg.task.name
-    pipe = Pipeline.from_pretrained(ckpt, device=device_for(cfg), dtype=cfg.get("dtype"))
+    pipe = Pipeline.from_pretrained(ckpt, device=device_for(cfg), dtype=cfg.get("dtype"),
+                                    precision=cfg.get("precision") or "bf16-mixed")
     if pipe.task != task:
         log.warning("ckpt=%s was exported by a %s run but is used for %s", ckpt, pipe.task, task)
     return pipe

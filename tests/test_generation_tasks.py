@@ -166,7 +166,7 @@ def pipes(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen_exports")
     make_exports(root, 8, 8)
     make_sr_export(root, text_len=8, hr_tokens=64)
-    return {name: Pipeline.from_pretrained(root / name) for name in ("t2i", "caption", "sr")}
+    return {name: Pipeline.from_pretrained(root / name, precision="32-true") for name in ("t2i", "caption", "sr")}
 
 
 def noise_image(size: int, seed: int = 0) -> Image.Image:

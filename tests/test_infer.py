@@ -126,6 +126,7 @@ def test_t2i_with_rerank_keeps_the_best_candidates_with_their_scores(exports, tm
     out = tmp_path / "ranked"
     infer_in_process("task=t2i", f"ckpt={exports / 't2i'}", "prompts=['红色的圆形','蓝色']",
                      f"rerank.ckpt={exports / 'caption'}", "num_candidates=4", "keep=2",
+                     "precision=32-true",
                      "image_tokens=16", "seed=5", f"output_dir={out}")
     rows = read_rows(out / "results.jsonl")
     assert [(r["id"], r["rank"]) for r in rows] == [(0, 0), (0, 1), (1, 0), (1, 1)]
@@ -137,6 +138,7 @@ def test_t2i_with_rerank_keeps_the_best_candidates_with_their_scores(exports, tm
     # the scores are the caption scores of the saved images (task=rerank recomputes them)
     ranked = tmp_path / "rescored"
     infer_in_process("task=rerank", f"ckpt={exports / 'caption'}", "prompt='红色的圆形'",
+                     "precision=32-true",
                      f"images=[{out / rows[1]['path']},{out / rows[0]['path']}]",
                      f"output_dir={ranked}")
     rescored = read_rows(ranked / "results.jsonl")
@@ -205,7 +207,7 @@ def test_infer_complete_writes_samples_and_a_picture_with_the_region(exports, tm
 def test_torchrun_two_processes_shard_prompts_and_merge_results(exports, tmp_path):
     prompts = "prompts=['红色的圆形','蓝色的正方形','绿色','黄色的三角形','紫色']"
     common = ["task=t2i", f"ckpt={exports / 't2i'}", prompts, "num_samples=2", "image_tokens=16",
-              "seed=11"]
+              "seed=11", "precision=32-true"]  # fp32: exact across batch compositions
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
          "--master_port=29533", "infer.py", *common, f"output_dir={tmp_path / 'two'}"],

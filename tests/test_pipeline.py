@@ -27,7 +27,7 @@ def exports(tmp_path_factory):
 def pipe(exports):
     from cogview import Pipeline
 
-    return Pipeline.from_pretrained(exports / "t2i")
+    return Pipeline.from_pretrained(exports / "t2i", precision="32-true")
 
 
 def test_import_cogview_stays_cheap_and_exports_pipeline():
@@ -150,7 +150,7 @@ def test_run_in_batches_cpu_oom_message_errors_and_limits():
 def test_caption_returns_one_string_per_image_and_stops_at_sep(exports, tmp_path):
     from cogview import Pipeline
 
-    pipe = Pipeline.from_pretrained(exports / "caption")
+    pipe = Pipeline.from_pretrained(exports / "caption", precision="32-true")
     assert pipe.task == "caption" and pipe.caption_stop_id == pipe.vocab.sep_id
     Image.new("RGB", (80, 64), (220, 20, 20)).save(tmp_path / "red.png")
     images = [tmp_path / "red.png", Image.new("L", (64, 64), 100)]
@@ -197,3 +197,25 @@ def test_load_time_mismatch_names_both_values(exports, tmp_path):
     (broken / "cogview.json").unlink()
     with pytest.raises(FileNotFoundError, match="not a cogview export directory"):
         Pipeline.from_pretrained(broken)
+
+
+def test_sampling_runs_under_bf16_autocast_by_default(exports, monkeypatch):
+    import cogview.generation.sampling as sampling
+    from cogview import Pipeline
+
+    seen = []
+    real = sampling.generate_images
+
+    def spy(*args, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "generate_images", spy)
+    default = Pipeline.from_pretrained(exports / "t2i")
+    assert default.precision == "bf16-mixed"
+    default("红色", num_images=1, image_tokens=16, progress=False)
+    Pipeline.from_pretrained(exports / "t2i", precision="32-true")(
+        "红色", num_images=1, image_tokens=16, progress=False)
+    assert seen == [(True, torch.bfloat16), (False, seen[1][1])]
+    with pytest.raises(ValueError, match="precision='fp8'"):
+        Pipeline.from_pretrained(exports / "t2i", precision="fp8")
