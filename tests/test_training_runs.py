@@ -108,3 +108,23 @@ def test_ddp_cpu_two_processes_over_gloo(assets, tmp_path):
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 4
     CogViewTransformer.from_pretrained(run / "export")
+
+
+def test_shapes_oracle_eval_logs_accuracy_against_training_time(assets, tmp_path):
+    run = tmp_path / "run"
+    command = base_command(assets, f"hydra.run.dir={run}", "trainer.max_steps=4",
+                           "trainer.val_check_interval=4", "trainer.log_every_n_steps=1",
+                           "callbacks=shapes", "callbacks.shapes_eval.every_n_steps=2",
+                           "callbacks.shapes_eval.prompts_per_split=2")
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    curve = json.loads((run / "oracle_curve.json").read_text())
+    assert [point["step"] for point in curve] == [2, 4]
+    assert 0 < curve[0]["train_seconds"] <= curve[1]["train_seconds"]
+    for point in curve:
+        assert set(point) == {"step", "train_seconds", "seen_full_match", "heldout_full_match",
+                              "two_full_match"}
+        assert all(0 <= point[k] <= 1 for k in point if k.endswith("full_match"))
+    with open(run / "logs" / "metrics.csv") as handle:
+        logged = [row for row in csv.DictReader(handle) if row.get("oracle/two_full_match")]
+    assert [int(row["step"]) for row in logged] == [2, 4]

@@ -1,0 +1,122 @@
+"""Accuracy while training: every N steps a t2i model draws the shapes-zh canonical prompts and
+the oracle reads them back (full match per split), logged as ``oracle/<split>_full_match`` and
+kept as a curve of accuracy against training time in ``<dirpath>/oracle_curve.json``.
+
+    callbacks.shapes_eval:
+      _target_: cogview.callbacks.ShapesOracleEval
+      every_n_steps: 500
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.utilities import rank_zero_only
+
+SPLITS = ("seen", "heldout", "two")
+
+
+class ShapesOracleEval(Callback):
+    """Samples ``prompts_per_split`` canonical prompts per split every ``every_n_steps`` training
+    steps (and at the end) and scores them with the shapes-zh oracle. t2i tasks only."""
+
+    def __init__(self, every_n_steps: int = 500, prompts_per_split: int = 32,
+                 splits: tuple[str, ...] | list[str] = SPLITS, seed: int = 0, top_k: int = 50,
+                 temperature: float = 1.0, dirpath: str | None = None) -> None:
+        if every_n_steps < 1 or prompts_per_split < 1:
+            raise ValueError(f"every_n_steps={every_n_steps} and prompts_per_split="
+                             f"{prompts_per_split} must be positive")
+        unknown = set(splits) - set(SPLITS)
+        if unknown:
+            raise ValueError(f"splits {sorted(unknown)} unknown; choose from {SPLITS}")
+        self.every_n_steps, self.prompts_per_split = every_n_steps, prompts_per_split
+        self.splits, self.seed, self.top_k, self.temperature = list(splits), seed, top_k, temperature
+        self.dirpath = Path(dirpath) if dirpath else None
+        self.history: list[dict] = []
+        self.train_seconds = 0.0
+        self._started: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._started is None:
+            self._started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._clock()
+        step = trainer.global_step
+        if step % self.every_n_steps == 0 and (not self.history or self.history[-1]["step"] != step):
+            self.run(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._clock()
+        if not self.history or self.history[-1]["step"] != trainer.global_step:
+            self.run(trainer, pl_module)
+
+    def _clock(self) -> None:
+        """Adds the time since the last call to the training time (evaluation not counted)."""
+        now = time.perf_counter()
+        if self._started is not None:
+            self.train_seconds += now - self._started
+        self._started = now
+
+    def run(self, trainer, pl_module) -> dict:
+        if getattr(pl_module, "layout_name", None) != "t2i":
+            raise ValueError("ShapesOracleEval scores text-to-image samples: use it with task=t2i")
+        point = {"step": trainer.global_step, "train_seconds": round(self.train_seconds, 1),
+                 **self.evaluate(trainer, pl_module)}
+        self.history.append(point)
+        metrics = {f"oracle/{k}": float(v) for k, v in point.items() if k.endswith("full_match")}
+        if trainer.logger is not None and metrics:
+            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+        self._write(trainer)
+        self._started = time.perf_counter()  # the evaluation is not training time
+        return point
+
+    @torch.no_grad()
+    def evaluate(self, trainer, pl_module) -> dict:
+        from cogview.data.shapes import eval_prompts
+        from cogview.eval.oracle import evaluate
+        from cogview.generation import generate_images
+
+        if trainer.global_rank != 0:
+            return {}
+        model, vocab = pl_module.model, pl_module.vocab
+        tokenizer, vqvae = pl_module.text_tokenizer, pl_module.image_tokenizer
+        side = int(round((pl_module.image_tokens or 64) ** 0.5))
+        was_training = model.training
+        scores = {}
+        try:
+            with trainer.precision_plugin.forward_context():
+                for split in self.splits:
+                    prompts = eval_prompts(split, self.prompts_per_split, seed=self.seed)
+                    codes = generate_images(
+                        model, vocab, [tokenizer.encode(p["caption"]) for p in prompts],
+                        side * side, [self.seed + i for i in range(len(prompts))],
+                        top_k=self.top_k, temperature=self.temperature,
+                        max_text_len=pl_module.hparams.max_text_len)
+                    images = vqvae.decode(codes.view(-1, side, side).to(vqvae_device(vqvae)))
+                    result = evaluate(images.float().cpu(), [p["scene"] for p in prompts])
+                    scores[f"{split}_full_match"] = round(float(result["full_match"]), 4)
+        finally:
+            model.train(was_training)
+        return scores
+
+    @rank_zero_only
+    def _write(self, trainer) -> None:
+        directory = self.dirpath or Path(trainer.default_root_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "oracle_curve.json").write_text(json.dumps(self.history, indent=1))
+
+    def state_dict(self) -> dict:
+        return {"history": self.history, "train_seconds": self.train_seconds}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = list(state_dict.get("history", []))
+        self.train_seconds = float(state_dict.get("train_seconds", 0.0))
+
+
+def vqvae_device(vqvae: torch.nn.Module) -> torch.device:
+    return next(vqvae.parameters()).device
