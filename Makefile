@@ -41,6 +41,7 @@ bench: install
 	$(PY) benchmarks/data_loader.py
 	$(PY) benchmarks/pretokenize.py
 	$(PY) benchmarks/vqvae_throughput.py
+	$(PY) benchmarks/convert_memory.py
 
 bench-quality: install
 	$(PY) benchmarks/vqvae_quality.py

@@ -35,6 +35,37 @@ DTYPES = {None: None, "fp32": torch.float32, "float32": torch.float32, "bf16": t
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
+EXPORT_TASKS = ("t2i", "caption", "sr")
+
+
+def find_exports(path: str | Path) -> dict[str, Path]:
+    """``path`` -> {task: export dir}: one export directory (its cogview.json names the task) or
+    a folder holding t2i/, caption/ and sr/ exports (the ``make demo`` artifacts/demo layout)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory: pass an export directory "
+                                "(<run>/export) or a folder with t2i/, caption/, sr/ exports "
+                                "(`make demo` writes artifacts/demo)")
+    candidates = [root] if (root / EXPORT_CONFIG).is_file() else [root / t for t in EXPORT_TASKS]
+    found: dict[str, Path] = {}
+    for directory in candidates:
+        if not (directory / EXPORT_CONFIG).is_file():
+            continue
+        task = json.loads((directory / EXPORT_CONFIG).read_text(encoding="utf-8")).get("task")
+        if task not in EXPORT_TASKS:
+            raise ValueError(f"{directory / EXPORT_CONFIG} says task={task!r}; expected one of "
+                             f"{EXPORT_TASKS}")
+        if directory != root and task != directory.name:
+            raise ValueError(f"{directory} holds a {task} export; move it to {root / task}")
+        found[task] = directory
+    if not found:
+        raise FileNotFoundError(
+            f"{path} holds no cogview export (looked for {EXPORT_CONFIG} in it and in its "
+            f"{', '.join(t + '/' for t in EXPORT_TASKS)} folders); train one with "
+            "`python train.py task=t2i` (it exports to <run>/export) or run `make demo`")
+    return found
+
+
 def resolve_dtype(dtype) -> torch.dtype | None:
     """None, a torch.dtype or a name ("bf16", "fp16", "fp32") -> torch.dtype or None."""
     if dtype is None or isinstance(dtype, torch.dtype):
