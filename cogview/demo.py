@@ -1,11 +1,15 @@
 """The main job on shapes-zh, end to end: ``make demo`` (python -m cogview.demo).
 
 Stages (each reused when its output already exists, so a second run is quick):
-1. train the tiny VQ-VAE                -> artifacts/demo/vqvae
-2. pretokenize shapes-zh                -> artifacts/demo/shards
-3. train t2i                            -> artifacts/demo/t2i
-4. sample canonical prompts (seen, held-out pairs, two objects) and score them with the
-   shapes-zh oracle; write outputs/demo/report.md with the pictures and numbers.
+1. train the tiny VQ-VAE                     -> artifacts/demo/vqvae
+2. pretokenize shapes-zh at 64 px            -> artifacts/demo/shards     (t2i and caption)
+3. pretokenize shapes-zh at 128 px, sr=true  -> artifacts/demo/shards-sr
+4. train t2i (oracle accuracy every N steps) -> artifacts/demo/t2i
+5. fine-tune caption from t2i                -> artifacts/demo/caption
+6. fine-tune sr from t2i (smaller budget)    -> artifacts/demo/sr
+7. the shapes-zh benchmark (cogview.eval.shapes_bench): canonical prompts per split with
+   best-of-N reranking by caption score, FID/IS/CapS, caption exact match, SR PSNR/SSIM;
+   loss and accuracy plots; outputs/demo/report.md with the pictures.
 
 Budgets come from conf/demo.yaml (``budget=smoke`` for a minute-scale run).
 """
@@ -57,84 +61,131 @@ def train_vqvae(demo: DictConfig, out: Path) -> None:
     train(cfg)
 
 
-def pretokenize_shapes(demo: DictConfig, vqvae: Path, out: Path) -> None:
+def pretokenize_shapes(demo: DictConfig, vqvae: Path, out: Path, size: int, samples: int,
+                       shard_size: int, sr: bool = False) -> None:
     from cogview.data.pretokenize import pretokenize
 
     cfg = compose_config("pretokenize", [
         f"vqvae_dir={vqvae}", f"out={out}", "source.kind=shapes",
-        f"source.shapes.length={demo.data.samples}", f"source.shapes.seed={demo.seed}",
-        "size=64", f"shard_size={demo.data.shard_size}", "num_workers=1"])
+        f"source.shapes.length={samples}", f"source.shapes.seed={demo.seed}",
+        f"size={size}", f"sr={str(sr).lower()}", f"shard_size={shard_size}",
+        "num_workers=1"])
     pretokenize(cfg)
 
 
-def train_t2i(demo: DictConfig, vqvae: Path, shards: Path, out: Path) -> None:
-    cfg = compose_config("train", [
-        "task=t2i", "logger=csv", f"output_dir={demo.runs_dir}/t2i", f"export_dir={out}",
+def train_sequence_task(demo: DictConfig, task: str, vqvae: Path, shards: Path, out: Path,
+                        init_from: Path | None = None) -> None:
+    """train.py task=<task> with the demo's budget for it (demo.<task>)."""
+    budget = demo[task]
+    overrides = [
+        f"task={task}", "logger=csv", f"output_dir={demo.runs_dir}/{task}", f"export_dir={out}",
         f"vqvae_dir={vqvae}", f"data.train_shards={shards}", "data.resampled=true",
-        f"data.batch_size={demo.t2i.batch_size}", f"trainer.max_steps={demo.t2i.steps}",
-        f"trainer.val_check_interval={demo.t2i.val_every}", "trainer.limit_val_batches=4",
-        f"task.sample_every_n_steps={demo.t2i.val_every}",
-        *[f"model.{k}={v}" for k, v in demo.t2i.model.items()], f"seed={demo.seed}"])
-    train(cfg)
+        f"data.batch_size={budget.batch_size}", f"trainer.max_steps={budget.steps}",
+        f"trainer.val_check_interval={budget.val_every}", "trainer.limit_val_batches=4",
+        f"task.sample_every_n_steps={budget.val_every}", f"task.lr={budget.lr}",
+        f"task.warmup_steps={budget.warmup_steps}",
+        *[f"model.{k}={v}" for k, v in demo.t2i.model.items()], f"seed={demo.seed}"]
+    if task == "t2i":
+        overrides += ["callbacks=shapes", f"callbacks.shapes_eval.every_n_steps={budget.eval_every}",
+                      f"callbacks.shapes_eval.prompts_per_split={demo.eval.curve_prompts}"]
+    if init_from is not None:
+        overrides.append(f"task.init_from={init_from}")
+    train(compose_config("train", overrides))
 
 
-@torch.no_grad()
-def evaluate_t2i(demo: DictConfig, export: Path, report_dir: Path) -> dict:
-    """Generates one image per canonical prompt per split; oracle scores + grids."""
-    from cogview.data.shapes import eval_prompts
-    from cogview.eval.oracle import evaluate, read_scene
-    from cogview.generation import generate_images
-    from cogview.modules.transformer import CogViewTransformer
-    from cogview.modules.vqvae import VQVAE
-    from cogview.tokenization import load_text_tokenizer
-    from cogview.tokenization.vocab import CogViewVocab
-    from cogview.visualize import image_grid
+def evaluate(demo: DictConfig, exports: dict[str, Path], report_dir: Path) -> dict:
+    """The shapes-zh benchmark on the demo's exports (what ``infer.py task=eval`` runs)."""
+    from cogview.eval.shapes_bench import caption_benchmark, sr_benchmark, t2i_benchmark
+    from cogview.pipeline import Pipeline
 
-    model = CogViewTransformer.from_pretrained(export).eval()
-    vqvae = VQVAE.from_pretrained(export / "vqvae").eval()
-    tokenizer = load_text_tokenizer(export / "text_tokenizer")
-    vocab = CogViewVocab.from_dict(json.loads((export / "cogview.json").read_text())["vocab"])
-    results = {}
-    for kind in ("seen", "heldout", "two"):
-        prompts = eval_prompts(kind, demo.eval.prompts_per_split, seed=demo.seed)
-        codes = []
-        for start in range(0, len(prompts), 16):
-            chunk = prompts[start:start + 16]
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                codes.append(generate_images(
-                    model, vocab, [tokenizer.encode(p["caption"]) for p in chunk], image_tokens=64,
-                    seeds=[demo.seed + start + i for i in range(len(chunk))],
-                    top_k=demo.eval.top_k, temperature=demo.eval.temperature))
-        images = vqvae.decode(torch.cat(codes).view(-1, 8, 8))
-        scores = evaluate(images, [p["scene"] for p in prompts])
-        results[kind] = scores
-        image_grid(images[:32], columns=8, scale=2).save(report_dir / f"t2i_{kind}.png")
-        rows = [{"prompt": p["caption"], "read_back": read_scene(image)["objects"]}
-                for p, image in zip(prompts[:8], images[:8])]
-        (report_dir / f"t2i_{kind}.json").write_text(json.dumps(rows, ensure_ascii=False, indent=1))
+    pipes = {task: Pipeline.from_pretrained(path) for task, path in exports.items()}
+    ev = demo.eval
+    results = {"t2i": t2i_benchmark(pipes["t2i"], reranker=pipes.get("caption"),
+                                    prompts_per_split=ev.prompts_per_split,
+                                    num_candidates=ev.num_candidates, seed=demo.seed,
+                                    top_k=ev.top_k, temperature=ev.temperature,
+                                    out_dir=report_dir)}
+    if "caption" in pipes:
+        results["caption"] = caption_benchmark(pipes["caption"], images_per_split=ev.caption_images,
+                                               out_dir=report_dir)
+    if "sr" in pipes:
+        results["sr"] = sr_benchmark(pipes["sr"], images_per_split=ev.sr_images, out_dir=report_dir)
     return results
 
 
-def write_report(report_dir: Path, timings: dict, scores: dict, runs_dir: Path) -> Path:
+def plots(runs_dir: Path, report_dir: Path, results: dict) -> dict:
+    """Loss curves of the runs, oracle accuracy against training time, accuracy bars."""
+    from cogview.eval.plots import plot_accuracy_bars, plot_loss_curves
+    from cogview.eval.shapes_bench import SPLIT_NAMES
+
+    pictures = {}
+    logs = {task: runs_dir / task / "logs" / "metrics.csv" for task in ("vqvae", "t2i", "caption", "sr")}
+    logs = {task: path for task, path in logs.items() if path.is_file()}
+    if logs:
+        plot_loss_curves(logs, report_dir / "loss_curves.png")
+        pictures["loss"] = "loss_curves.png"
+    bars = {SPLIT_NAMES[s]: {a: r["one_sample"][a] for a in ("color", "shape", "position", "size",
+                                                             "full_match")}
+            for s, r in results["t2i"].items()}
+    plot_accuracy_bars(bars, report_dir / "t2i_accuracy.png")
+    pictures["accuracy"] = "t2i_accuracy.png"
+    curve_file = runs_dir / "t2i" / "oracle_curve.json"
+    if curve_file.is_file():
+        plot_oracle_curve(json.loads(curve_file.read_text()), report_dir / "t2i_accuracy_curve.png")
+        pictures["curve"] = "t2i_accuracy_curve.png"
+    return pictures
+
+
+def plot_oracle_curve(curve: list[dict], path: Path) -> None:
+    """Full match per split against training minutes (from ShapesOracleEval)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cogview.eval.shapes_bench import SPLIT_NAMES
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    minutes = [point["train_seconds"] / 60 for point in curve]
+    for split, name in SPLIT_NAMES.items():
+        key = f"{split}_full_match"
+        if all(key in point for point in curve):
+            ax.plot(minutes, [100 * point[key] for point in curve], marker="o", label=name)
+    ax.set_xlabel("t2i training time (minutes, 2 CPU cores)")
+    ax.set_ylabel("oracle full match (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(report_dir: Path, timings: dict, results: dict, pictures: dict,
+                 runs_dir: Path, curve: list[dict]) -> Path:
+    from cogview.eval.shapes_bench import markdown
+
     lines = ["# cogview demo on shapes-zh", "",
-             "Every stage on this machine's CPU; models in `artifacts/demo/`.", "",
+             "Every stage on this machine's CPU; models in `artifacts/demo/` "
+             "(`Pipeline.from_pretrained`, `infer.py ckpt=...`).", "",
              "| stage | wall time |", "| --- | --- |"]
     lines += [f"| {name} | {seconds:.0f} s{' (reused)' if seconds == 0 else ''} |"
               for name, seconds in timings.items()]
-    lines += ["", "## Text-to-image, scored by the shapes-zh oracle", "",
-              "One sample per canonical prompt (`{position}有一个{size}的{color}{shape}`).", "",
-              "| prompts | n | color | shape | position | size | full match |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
-    names = {"seen": "seen single objects", "heldout": "held-out colour-shape pairs",
-             "two": "two objects"}
-    for kind, result in scores.items():
-        lines.append(f"| {names[kind]} | {result.get('n_images', '?')} | " + " | ".join(
-            f"{result.get(a, float('nan')):.1%}" for a in ("color", "shape", "position", "size",
-                                                            "full_match")) + " |")
-    lines += [""]
-    for kind in scores:
-        lines += [f"### {names[kind]}", "", f"![{kind}](t2i_{kind}.png)", "",
-                  f"Prompts and what the oracle read back: `t2i_{kind}.json`.", ""]
+    lines += [f"| total | {sum(timings.values()):.0f} s |", ""]
+    if "accuracy" in pictures:
+        lines += [f"![accuracy per attribute]({pictures['accuracy']})", ""]
+    if "curve" in pictures:
+        lines += ["## t2i accuracy against training time", "",
+                  f"![accuracy curve]({pictures['curve']})", "",
+                  "| step | minutes | " + " | ".join(f"{s} full match" for s in ("seen", "heldout", "two"))
+                  + " |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {p['step']} | {p['train_seconds'] / 60:.1f} | " + " | ".join(
+            f"{p.get(f'{s}_full_match', float('nan')):.1%}" for s in ("seen", "heldout", "two"))
+            + " |" for p in curve]
+        lines.append("")
+    lines += markdown(results)
+    if "loss" in pictures:
+        lines += ["## Training curves", "", f"![losses]({pictures['loss']})", ""]
     vq_pictures = sorted((runs_dir / "vqvae" / "samples").glob("vqvae_step*.png"))
     if vq_pictures:
         target = report_dir / "vqvae_reconstructions.png"
@@ -149,27 +200,60 @@ def write_report(report_dir: Path, timings: dict, scores: dict, runs_dir: Path) 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     demo = compose_config("demo", list(argv if argv is not None else sys.argv[1:]))
-    artifacts, report_dir = Path(demo.artifacts_dir), Path(demo.report_dir)
+    torch.manual_seed(demo.seed)
+    artifacts, report_dir, runs_dir = Path(demo.artifacts_dir), Path(demo.report_dir), Path(demo.runs_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
-    vqvae, shards, t2i = artifacts / "vqvae", artifacts / "shards", artifacts / "t2i"
+    vqvae, shards, sr_shards = artifacts / "vqvae", artifacts / "shards", artifacts / "shards-sr"
+    exports = {task: artifacts / task for task in ("t2i", "caption", "sr")}
     timings = {
         "VQ-VAE": stage("train the VQ-VAE", vqvae / "model.safetensors",
                         lambda: train_vqvae(demo, vqvae)),
-        "pretokenize": stage("pretokenize shapes-zh", shards / "manifest.json",
-                             lambda: pretokenize_shapes(demo, vqvae, shards)),
-        "t2i": stage("train t2i", t2i / "cogview.json", lambda: train_t2i(demo, vqvae, shards, t2i)),
+        "pretokenize 64 px": stage(
+            "pretokenize shapes-zh (64 px)", shards / "manifest.json",
+            lambda: pretokenize_shapes(demo, vqvae, shards, 64, demo.data.samples,
+                                       demo.data.shard_size)),
+        "pretokenize 128 px (sr)": stage(
+            "pretokenize shapes-zh (128 px, sr)", sr_shards / "manifest.json",
+            lambda: pretokenize_shapes(demo, vqvae, sr_shards, 128, demo.data.sr_samples,
+                                       demo.data.sr_shard_size, sr=True)),
+        "t2i": stage("train t2i", exports["t2i"] / "cogview.json",
+                     lambda: train_sequence_task(demo, "t2i", vqvae, shards, exports["t2i"])),
+        "caption": stage("fine-tune caption from t2i", exports["caption"] / "cogview.json",
+                         lambda: train_sequence_task(demo, "caption", vqvae, shards,
+                                                     exports["caption"], exports["t2i"])),
+        "sr": stage("fine-tune sr from t2i", exports["sr"] / "cogview.json",
+                    lambda: train_sequence_task(demo, "sr", vqvae, sr_shards, exports["sr"],
+                                                exports["t2i"])),
     }
     start = time.perf_counter()
-    scores = evaluate_t2i(demo, t2i, report_dir)
-    timings["sample + score"] = time.perf_counter() - start
+    print("[demo] evaluate ...", flush=True)
+    results = evaluate(demo, exports, report_dir)
+    timings["evaluate"] = time.perf_counter() - start
+    pictures = plots(runs_dir, report_dir, results)
+    curve_file = runs_dir / "t2i" / "oracle_curve.json"
+    curve = json.loads(curve_file.read_text()) if curve_file.is_file() else []
     (report_dir / "scores.json").write_text(json.dumps(
-        {"config": OmegaConf.to_container(demo), "timings_s": timings, "t2i": scores},
-        ensure_ascii=False, indent=1))
-    report = write_report(report_dir, timings, scores, Path(demo.runs_dir))
+        {"config": OmegaConf.to_container(demo), "timings_s": timings, "accuracy_curve": curve,
+         **results}, ensure_ascii=False, indent=1))
+    report = write_report(report_dir, timings, results, pictures, runs_dir, curve)
     print(f"[demo] report: {report}")
-    print(f"[demo] models: {vqvae} (VQ-VAE), {t2i} (t2i; infer with Pipeline.from_pretrained)")
-    for kind, result in scores.items():
-        print(f"[demo] t2i {kind}: full match {result['full_match']:.1%}")
+    print(f"[demo] models: {vqvae} (VQ-VAE), " + ", ".join(
+        f"{path} ({task})" for task, path in exports.items())
+        + "; load with Pipeline.from_pretrained or infer.py ckpt=...")
+    print(f"[demo] web app on these models: make app")
+    for split, result in results["t2i"].items():
+        line = f"[demo] t2i {split}: full match {result['one_sample']['full_match']:.1%}"
+        if "rerank" in result:
+            line += (f", best of {result['num_candidates']} by caption score "
+                     f"{result['rerank']['top_full_match']:.1%} (random pick "
+                     f"{result['rerank']['random_full_match']:.1%})")
+        print(line)
+    for split, result in results.get("caption", {}).items():
+        print(f"[demo] caption {split}: exact match {result['exact_match']:.1%}")
+    for split, result in results.get("sr", {}).items():
+        print(f"[demo] sr {split}: PSNR {result['psnr']:.2f} dB vs bicubic "
+              f"{result['bicubic_psnr']:.2f} dB")
+    print(f"[demo] total {sum(timings.values()):.0f} s")
     return 0
 
 

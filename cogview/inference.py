@@ -19,7 +19,7 @@ from cogview.visualize import comparison_grid, psnr, tensor_to_pil
 
 log = logging.getLogger("cogview.infer")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-TASKS = ("vqvae", "t2i", "caption", "rerank", "sr", "complete")
+TASKS = ("vqvae", "t2i", "caption", "rerank", "sr", "complete", "eval")
 
 
 def list_images(entries) -> list[Path]:
@@ -450,10 +450,37 @@ def complete_image(cfg: DictConfig, shards: Shards) -> Path:
     return finish(out, rows, shards, "complete")
 
 
+# ------------------------------------------------------------------------------------------------
+# the shapes-zh benchmark
+
+
+def evaluate_exports(cfg: DictConfig, shards: Shards) -> Path:
+    """task=eval: the shapes-zh benchmark on the exports under cfg.ckpt (one export, or a folder
+    with t2i/, caption/, sr/ such as artifacts/demo) -> eval.json, report.md and pictures."""
+    from cogview.eval.shapes_bench import run
+    from cogview.pipeline import find_exports
+
+    exports = find_exports(cfg.ckpt)
+    out = prepare_output(cfg, shards)
+    if shards.rank != 0:
+        return out
+    pipes = {task: load_pipeline(cfg, str(path), task) for task, path in exports.items()}
+    log.info("evaluating %s", ", ".join(f"{t}={p}" for t, p in exports.items()))
+    results = run(**pipes, out_dir=out, prompts_per_split=cfg.prompts_per_split,
+                  num_candidates=cfg.num_candidates, seed=cfg.seed, top_k=cfg.top_k,
+                  temperature=cfg.temperature, batch_size=cfg.max_inference_batch_size,
+                  fid_features=cfg.fid_features, is_classifier=cfg.is_classifier,
+                  caption_images=cfg.caption_images, sr_images=cfg.sr_images)
+    for split, result in results.get("t2i", {}).items():
+        log.info("t2i %s: full match %.1f%%", split, 100 * result["one_sample"]["full_match"])
+    log.info("report: %s", out / "report.md")
+    return out
+
+
 def infer(cfg: DictConfig) -> Path:
     """Runs the configured inference task; under torchrun the work is split over the ranks."""
     runners = {"t2i": text_to_image, "caption": caption_images, "rerank": rerank_images,
-               "sr": super_resolve, "complete": complete_image}
+               "sr": super_resolve, "complete": complete_image, "eval": evaluate_exports}
     name = cfg.task.name
     if name == "vqvae":
         return reconstruct(cfg)

@@ -12,13 +12,22 @@ def test_demo_smoke_budget_writes_report_and_reuses_stages(tmp_path, capsys):
     args = ["budget=smoke", f"artifacts_dir={tmp_path / 'artifacts'}",
             f"report_dir={tmp_path / 'report'}", f"runs_dir={tmp_path / 'runs'}"]
     assert main(args) == 0
-    report = (tmp_path / "report" / "report.md").read_text()
-    for picture in ("t2i_seen.png", "t2i_heldout.png", "t2i_two.png", "vqvae_reconstructions.png"):
-        assert picture in report and (tmp_path / "report" / picture).is_file()
-    scores = json.loads((tmp_path / "report" / "scores.json").read_text())
+    report_dir = tmp_path / "report"
+    report = (report_dir / "report.md").read_text()
+    pictures = ["t2i_seen.png", "t2i_heldout.png", "t2i_two.png", "t2i_two_reranked.png",
+                "caption_seen.png", "sr_seen.png", "t2i_accuracy.png", "t2i_accuracy_curve.png",
+                "loss_curves.png", "vqvae_reconstructions.png"]
+    for picture in pictures:
+        assert picture in report and (report_dir / picture).is_file(), picture
+    scores = json.loads((report_dir / "scores.json").read_text())
     assert set(scores["t2i"]) == {"seen", "heldout", "two"}
-    for stage in ("vqvae", "t2i"):
+    for split in scores["t2i"].values():
+        assert {"one_sample", "rerank", "caps", "fid", "fid_k", "is"} <= set(split)
+    assert set(scores["caption"]) == {"seen", "heldout", "two"}
+    assert {"psnr", "bicubic_psnr", "ssim"} <= set(scores["sr"]["seen"])
+    assert [p["step"] for p in scores["accuracy_curve"]] == [10, 20]
+    for stage in ("vqvae", "t2i", "caption", "sr"):
         assert (tmp_path / "artifacts" / stage / "model.safetensors").is_file()
     capsys.readouterr()
     assert main(args) == 0  # the second run reuses every finished stage
-    assert capsys.readouterr().out.count("reusing") == 3
+    assert capsys.readouterr().out.count("reusing") == 6

@@ -221,3 +221,19 @@ def test_torchrun_two_processes_shard_prompts_and_merge_results(exports, tmp_pat
     for row in one:  # and the same images: sharding does not change a sample
         assert (Image.open(tmp_path / "two" / row["path"]).tobytes()
                 == Image.open(tmp_path / "one" / row["path"]).tobytes())
+
+
+def test_infer_eval_runs_the_shapes_benchmark_on_an_export_folder(exports, sr_export, tmp_path):
+    out = tmp_path / "eval"
+    infer_in_process("task=eval", f"ckpt={exports}", "prompts_per_split=2", "num_candidates=2",
+                     "caption_images=2", "sr_images=2", f"output_dir={out}")
+    results = json.loads((out / "eval.json").read_text())
+    assert set(results) == {"t2i", "caption", "sr"}
+    assert set(results["t2i"]) == {"seen", "heldout", "two"}
+    two = results["t2i"]["two"]
+    assert two["n_prompts"] == 2 and 0 <= two["one_sample"]["full_match"] <= 1
+    assert two["rerank"]["n_candidates"] == 4  # 2 prompts x 2 candidates, caption-scored
+    report = (out / "report.md").read_text()
+    for picture in ("t2i_accuracy.png", "t2i_two.png", "t2i_two_reranked.png", "caption_two.png",
+                    "sr_seen.png"):
+        assert picture in report and (out / picture).is_file()

@@ -1,0 +1,239 @@
+"""The shapes-zh quality benchmark over exported models (``infer.py task=eval``, ``make demo``).
+
+    t2i_benchmark(t2i_pipe, reranker=caption_pipe)   oracle accuracy per split (1 sample per
+                                                      canonical prompt), best-of-N by caption
+                                                      score vs a random pick, CapS, FID/FID-k, IS
+    caption_benchmark(caption_pipe)                   exact match of parsed captions per split
+    sr_benchmark(sr_pipe)                             PSNR/SSIM vs the 128 px render, beside bicubic
+
+Each returns a JSON-able dict and, with ``out_dir``, writes image grids there.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from cogview.data.shapes import eval_prompts, render_scene
+from cogview.eval import metrics
+from cogview.eval.oracle import evaluate, read_scene, score_scene
+from cogview.visualize import comparison_grid, image_grid
+
+SPLITS = ("seen", "heldout", "two")
+SPLIT_NAMES = {"seen": "seen single objects", "heldout": "held-out colour-shape pairs",
+               "two": "two objects"}
+
+
+def _save(picture: Image.Image, out_dir: Path | None, name: str) -> str | None:
+    if out_dir is None:
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    picture.save(out_dir / name)
+    return name
+
+
+def t2i_benchmark(pipe, reranker=None, splits=SPLITS, prompts_per_split: int = 64,
+                  num_candidates: int = 8, seed: int = 0, top_k: int | None = 50,
+                  temperature: float = 1.0, batch_size: int = 64, fid_features="random",
+                  is_classifier="oracle", out_dir: str | Path | None = None,
+                  progress: bool = True) -> dict:
+    """Per split: ``num_candidates`` images per canonical prompt (candidate i: seed + i).
+
+    "one_sample": oracle scores of candidate 0 (the 1-sample accuracy); with a reranker,
+    "rerank": full match of the best caption-scored candidate vs the mean over candidates
+    (a random pick); "caps": caption scores of candidate 0 and of the real renders;
+    "fid"/"fid_k": candidate 0 vs renders of the same scenes; "is": Inception Score under
+    ``is_classifier`` (real renders' IS beside it).
+    """
+    out_dir = Path(out_dir) if out_dir else None
+    results = {}
+    for split in splits:
+        prompts = eval_prompts(split, prompts_per_split, seed=seed)
+        captions = [p["caption"] for p in prompts]
+        scenes = [p["scene"] for p in prompts]
+        candidates = pipe(captions, num_images=num_candidates, seed=seed, top_k=top_k,
+                          temperature=temperature, max_inference_batch_size=batch_size,
+                          progress=progress)  # [prompt][candidate]
+        first = [group[0] for group in candidates]
+        size = first[0].width
+        real = [render_scene(scene, size) for scene in scenes]
+        matches = [[bool(score_scene(read_scene(image), scene)["full_match"]) for image in group]
+                   for group, scene in zip(candidates, scenes)]
+        result = {"n_prompts": len(prompts), "num_candidates": num_candidates,
+                  "one_sample": evaluate(first, scenes),
+                  "random_pick_full_match": sum(map(sum, matches)) / sum(map(len, matches))}
+        if reranker is not None:
+            flat = [image for group in candidates for image in group]
+            scores = reranker.caption_scores(flat, [c for c in captions for _ in range(num_candidates)],
+                                             max_inference_batch_size=batch_size, progress=False)
+            per_prompt = [scores[i * num_candidates:(i + 1) * num_candidates]
+                          for i in range(len(prompts))]
+            groups = [list(zip(s, m)) for s, m in zip(per_prompt, matches)]
+            gain = metrics.rerank_gain(groups)
+            result["rerank"] = {k: v for k, v in gain.items() if k != "per_group"}
+            real_caps = reranker.caption_scores(real, captions, max_inference_batch_size=batch_size,
+                                                progress=False)
+            result["caps"] = {"generated": _summary(metrics.caption_score_summary(
+                [s[0] for s in per_prompt])), "real": _summary(metrics.caption_score_summary(real_caps))}
+            best = [group[max(range(num_candidates), key=lambda i: s[i])]
+                    for group, s in zip(candidates, per_prompt)]
+            result["pictures"] = {"reranked": _save(image_grid(best[:32], columns=8, scale=2),
+                                                    out_dir, f"t2i_{split}_reranked.png")}
+        if len(first) >= 2:
+            result["fid"] = metrics.fid(real, first, fid_features)
+            result["fid_k"] = {str(k): v for k, v in
+                               metrics.blurred_fid(real, first, fid_features).items()}
+            result["is"] = {"generated": _summary(metrics.inception_score(first, is_classifier,
+                                                                          splits=1)),
+                            "real": _summary(metrics.inception_score(real, is_classifier, splits=1))}
+        result.setdefault("pictures", {})
+        result["pictures"]["samples"] = _save(image_grid(first[:32], columns=8, scale=2), out_dir,
+                                              f"t2i_{split}.png")
+        if out_dir is not None:
+            rows = [{"prompt": c, "read_back": read_scene(image)["objects"], "full_match": m[0]}
+                    for c, image, m in zip(captions[:16], first[:16], matches[:16])]
+            (out_dir / f"t2i_{split}.json").write_text(json.dumps(rows, ensure_ascii=False,
+                                                                  indent=1))
+        results[split] = result
+    return results
+
+
+def caption_benchmark(pipe, splits=SPLITS, images_per_split: int = 64, seed: int = 1,
+                      batch_size: int = 64, out_dir: str | Path | None = None,
+                      progress: bool = True) -> dict:
+    """Greedy captions of rendered test scenes; exact match of the parsed attributes."""
+    from cogview.eval.oracle import evaluate_captions
+
+    out_dir = Path(out_dir) if out_dir else None
+    size = 8 * int(round(pipe.image_tokens ** 0.5))
+    results = {}
+    for split in splits:
+        prompts = eval_prompts(split, images_per_split, seed=seed)
+        scenes = [p["scene"] for p in prompts]
+        images = [render_scene(scene, size) for scene in scenes]
+        captions = pipe.caption(images, greedy=True, max_inference_batch_size=batch_size,
+                                progress=progress)
+        result = evaluate_captions(captions, scenes)
+        result["examples"] = [{"caption": c, "truth": p["caption"]}
+                              for c, p in zip(captions[:8], prompts[:8])]
+        result["picture"] = _save(image_grid(images[:8], columns=8, scale=2), out_dir,
+                                  f"caption_{split}.png")
+        results[split] = result
+    return results
+
+
+def sr_benchmark(pipe, splits=("seen", "two"), images_per_split: int = 16, seed: int = 2,
+                 batch_size: int = 16, out_dir: str | Path | None = None,
+                 progress: bool = True) -> dict:
+    """2x super-resolution of rendered scenes (input: the render resized to half the target
+    side, as the sr shards were made): PSNR/SSIM against the full-size render, beside bicubic
+    upsampling of the decoded low-res input."""
+    out_dir = Path(out_dir) if out_dir else None
+    target_side = 8 * int(round(pipe.image_tokens ** 0.5))
+    results = {}
+    for split in splits:
+        prompts = eval_prompts(split, images_per_split, seed=seed)
+        targets = [render_scene(p["scene"], target_side) for p in prompts]
+        inputs = [t.resize((target_side // 2,) * 2, Image.Resampling.LANCZOS) for t in targets]
+        outputs = pipe.super_resolve(inputs, [p["caption"] for p in prompts], seed=seed,
+                                     max_inference_batch_size=batch_size, progress=progress)
+        decoded = pipe.decode_codes(pipe.encode_images(inputs))  # what the sr model saw
+        result = metrics.sr_metrics(outputs, targets, decoded)
+        result.pop("per_image")
+        bicubic = [d.resize((target_side,) * 2, Image.Resampling.BICUBIC) for d in decoded]
+        result["picture"] = _save(comparison_grid([bicubic[:8], outputs[:8], targets[:8]],
+                                                  ["bicubic", "sr", "target"], scale=1),
+                                  out_dir, f"sr_{split}.png")
+        results[split] = result
+    return results
+
+
+def _summary(values: dict) -> dict:
+    """A metric summary without its per-item list."""
+    return {k: v for k, v in values.items() if k not in ("per_image", "per_split")}
+
+
+def markdown(results: dict) -> list[str]:
+    """Tables of a benchmark result ({"t2i", "caption", "sr"} as available)."""
+    lines = []
+    if "t2i" in results:
+        lines += ["## Text-to-image, scored by the shapes-zh oracle", "",
+                  "One sample per canonical prompt; best-of-N by caption score vs a random pick.",
+                  "", "| prompts | n | colour | shape | position | size | full match | "
+                  "random of N | best of N (CapS) | FID | FID-4 | IS (real) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for split, r in results["t2i"].items():
+            one = r["one_sample"]
+            rerank = r.get("rerank", {})
+            cells = [f"{one.get(a, float('nan')):.1%}" for a in ("color", "shape", "position",
+                                                                  "size", "full_match")]
+            cells.append(f"{r['random_pick_full_match']:.1%}")
+            cells.append(f"{rerank['top_full_match']:.1%}" if rerank else "–")
+            cells.append(f"{r['fid']:.2f}" if "fid" in r else "–")
+            cells.append(f"{r['fid_k']['4']:.2f}" if "fid_k" in r else "–")
+            cells.append(f"{r['is']['generated']['mean']:.2f} ({r['is']['real']['mean']:.2f})"
+                         if "is" in r else "–")
+            lines.append(f"| {SPLIT_NAMES[split]} | {r['n_prompts']} | " + " | ".join(cells) + " |")
+        lines.append("")
+        for split, r in results["t2i"].items():
+            lines += [f"### {SPLIT_NAMES[split]}", "", f"![{split}]({r['pictures']['samples']})", ""]
+            if r["pictures"].get("reranked"):
+                lines += [f"Best of {r['num_candidates']} by caption score:", "",
+                          f"![{split} reranked]({r['pictures']['reranked']})", ""]
+    if "caption" in results:
+        lines += ["## Captioning", "", "| images | n | exact match | parsed |", "| --- | --- | --- | --- |"]
+        for split, r in results["caption"].items():
+            lines.append(f"| {SPLIT_NAMES[split]} | {r['n']} | {r['exact_match']:.1%} | "
+                         f"{r['parsed']:.1%} |")
+        lines.append("")
+        for split, r in results["caption"].items():
+            lines += [f"![caption {split}]({r['picture']})", ""]
+            lines += [f"- {e['caption'][:40]} (truth: {e['truth']})"
+                      for e in r["examples"][:4]] + [""]
+    if "sr" in results:
+        lines += ["## Super-resolution", "",
+                  "| images | n | PSNR | bicubic PSNR | SSIM | bicubic SSIM |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for split, r in results["sr"].items():
+            lines.append(f"| {SPLIT_NAMES[split]} | {r['n']} | {r['psnr']:.2f} dB | "
+                         f"{r['bicubic_psnr']:.2f} dB | {r['ssim']:.3f} | {r['bicubic_ssim']:.3f} |")
+        lines.append("")
+        for split, r in results["sr"].items():
+            lines += [f"![sr {split}]({r['picture']})", ""]
+    return lines
+
+
+@torch.no_grad()
+def run(t2i=None, caption=None, sr=None, out_dir: str | Path = "outputs/eval", **settings) -> dict:
+    """All benchmarks for the pipelines given; writes eval.json, report.md and pictures."""
+    from cogview.eval.plots import plot_accuracy_bars
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {}
+    t2i_settings = {k: v for k, v in settings.items() if k in (
+        "prompts_per_split", "num_candidates", "seed", "top_k", "temperature", "batch_size",
+        "fid_features", "is_classifier")}
+    if t2i is not None:
+        results["t2i"] = t2i_benchmark(t2i, reranker=caption, out_dir=out_dir, **t2i_settings)
+    if caption is not None:
+        results["caption"] = caption_benchmark(
+            caption, images_per_split=settings.get("caption_images", 64), out_dir=out_dir,
+            batch_size=settings.get("batch_size", 64))
+    if sr is not None:
+        results["sr"] = sr_benchmark(sr, images_per_split=settings.get("sr_images", 16),
+                                     out_dir=out_dir)
+    lines = ["# shapes-zh benchmark", ""]
+    if "t2i" in results:
+        bars = {SPLIT_NAMES[s]: {a: r["one_sample"][a] for a in
+                                 ("color", "shape", "position", "size", "full_match")}
+                for s, r in results["t2i"].items()}
+        plot_accuracy_bars(bars, out_dir / "t2i_accuracy.png")
+        lines += ["![accuracy](t2i_accuracy.png)", ""]
+    lines += markdown(results)
+    (out_dir / "eval.json").write_text(json.dumps(results, ensure_ascii=False, indent=1))
+    (out_dir / "report.md").write_text("\n".join(lines))
+    return results
