@@ -187,7 +187,7 @@ class Pipeline:
         text_dir = export_dir / info.get("text_tokenizer", "text_tokenizer")
         text_tokenizer = load_text_tokenizer(text_dir)
         image_tokenizer = VQVAE.from_pretrained(export_dir / info.get("image_tokenizer", "vqvae"))
-        model = CogViewTransformer.from_pretrained(export_dir)
+        model = CogViewTransformer.from_pretrained(export_dir, dtype=resolve_dtype(dtype))
         checks = [
             ("the transformer's vocab_size", model.config.vocab_size,
              f"the vocabulary size in {EXPORT_CONFIG}", vocab.size),

@@ -219,6 +219,13 @@ def test_save_and_load_pretrained(tmp_path):
     torch.testing.assert_close(loaded(ids), model(ids), atol=0, rtol=0)
     sdpa = CogViewTransformer.from_pretrained(tmp_path / "export", attention="sdpa").eval()
     torch.testing.assert_close(sdpa(ids), model(ids), atol=1e-5, rtol=0)
+    # built on the meta device, filled from the file: nothing left on meta, the head still
+    # tied, and dtype= loads half-precision weights without an fp32 copy
+    half = CogViewTransformer.from_pretrained(tmp_path / "export", dtype=torch.float16)
+    tensors = list(half.parameters()) + list(half.buffers())
+    assert all(not t.is_meta for t in tensors)
+    assert {p.dtype for p in half.parameters()} == {torch.float16}
+    torch.testing.assert_close(half.float().eval()(ids), model(ids), atol=2e-2, rtol=0)
 
 
 def test_from_pretrained_errors_name_the_problem(tmp_path):

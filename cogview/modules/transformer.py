@@ -414,10 +414,15 @@ class CogViewTransformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu",
-                        **overrides) -> "CogViewTransformer":
+                        dtype: torch.dtype | None = None, **overrides) -> "CogViewTransformer":
         """Loads a model written by ``save_pretrained``; ``overrides`` change config fields
-        that do not affect the weights (e.g. ``attention="sdpa"``)."""
-        from safetensors.torch import load_model
+        that do not affect the weights (e.g. ``attention="sdpa"``).
+
+        The model is built on the meta device and takes the file's tensors as they are (no
+        random init, no second copy), cast to ``dtype`` (default float32): a 4B fp16 export
+        loads with ``dtype=torch.float16`` in about its file size of memory.
+        """
+        from safetensors.torch import load_file
 
         directory = Path(directory)
         config_path, weights_path = directory / "config.json", directory / "model.safetensors"
@@ -431,9 +436,15 @@ class CogViewTransformer(nn.Module):
         if values.get("kind", CONFIG_KIND) != CONFIG_KIND:
             raise ValueError(f"{config_path} describes a {values.get('kind')!r}, not a {CONFIG_KIND}")
         values.update(overrides)
-        model = cls(TransformerConfig.from_dict(values))
+        config = TransformerConfig.from_dict(values)
+        with torch.device("meta"):
+            model = cls(config)
+        state = load_file(str(weights_path), device=str(map_location))
+        dtype = dtype or torch.float32
+        state = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor
+                 for name, tensor in state.items()}
         try:
-            load_model(model, str(weights_path), strict=True, device=str(map_location))
+            model.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as error:
             raise ValueError(f"{weights_path} does not match {config_path}: {error}") from None
         return model
