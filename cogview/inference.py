@@ -298,9 +298,42 @@ def read_images(paths: list[Path], prepare) -> list[tuple[dict, object]]:
     return items
 
 
+def shard_codes(spec: str, limit: int | None) -> list[tuple[dict, object]]:
+    """(row, code grid) per sample of pretokenized shards (``python -m cogview.data.pretokenize``),
+    in shard order, at most ``limit``; a sample or shard that cannot be read gets an error row."""
+    from cogview.data.datamodule import BadSample, decode_sample, resolve_shards
+    from cogview.data.sources import TarProblem, read_tar
+
+    items: list[tuple[dict, object]] = []
+    for url in resolve_shards(spec).urls:
+        for record in read_tar(url):
+            if limit is not None and len(items) >= limit:
+                return items
+            if isinstance(record, TarProblem):
+                items.append(({"id": len(items), "shard": url, "error": record.message}, None))
+                log.warning("%s", record.message)
+                continue
+            row = {"id": len(items), "key": record.key, "shard": url}
+            try:
+                sample = decode_sample(record.members, record.key, need_lowres=False)
+            except BadSample as error:
+                row["error"] = str(error)
+                items.append((row, None))
+                continue
+            if sample.caption is not None:
+                row["truth"] = sample.caption
+            items.append((row, torch.from_numpy(sample.image_codes.astype("int64"))))
+    return items
+
+
 def caption_images(cfg: DictConfig, shards: Shards) -> Path:
     """task=caption: a caption per image -> results.jsonl (id, path, caption); an image that
-    cannot be read gets an "error" in its row and the others go on."""
+    cannot be read gets an "error" in its row and the others go on. ``shards=<dir>`` captions
+    the image codes of pretokenized shards instead (rows: id, key, shard, truth, caption)."""
+    if cfg.get("shards"):
+        if cfg.get("images"):
+            raise ValueError("give either images=[...] or shards=<dir>, not both")
+        return caption_shards(cfg, shards)
     paths = list_images(cfg.images)
     pipe = load_pipeline(cfg)
     out = prepare_output(cfg, shards)
@@ -316,6 +349,27 @@ def caption_images(cfg: DictConfig, shards: Shards) -> Path:
         for (row, _), caption in zip(good, captions):
             row["caption"] = caption
     return finish(out, [row for row, _ in items], shards, "caption")
+
+
+def caption_shards(cfg: DictConfig, shards: Shards) -> Path:
+    """task=caption shards=<dir>: captions the code grids stored in pretokenized shards."""
+    items = shard_codes(cfg.shards, cfg.get("limit"))
+    if not items:
+        raise ValueError(f"shards={cfg.shards} holds no samples")
+    pipe = load_pipeline(cfg)
+    out = prepare_output(cfg, shards)
+    mine = [items[i] for i in shards.mine(len(items))]
+    for row, _ in mine:
+        row["_order"] = row["id"]
+    good = [(row, codes) for row, codes in mine if codes is not None]
+    if good:
+        captions = pipe.caption([codes for _, codes in good], greedy=cfg.greedy,
+                                max_len=cfg.get("max_len"), seed=cfg.seed,
+                                temperature=cfg.temperature, top_k=cfg.top_k,
+                                max_inference_batch_size=cfg.max_inference_batch_size)
+        for (row, _), caption in zip(good, captions):
+            row["caption"] = caption
+    return finish(out, [row for row, _ in mine], shards, "caption")
 
 
 def rerank_images(cfg: DictConfig, shards: Shards) -> Path:

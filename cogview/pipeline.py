@@ -459,23 +459,27 @@ class Pipeline:
     def caption(self, images, greedy: bool = True, max_len: int | None = None, seed: int = 0,
                 temperature: float = 1.0, top_k: int | None = 200,
                 max_inference_batch_size: int = 12, progress: bool = True) -> list[str]:
-        """Image captioning: PIL images or paths -> one caption each (image i: seed ``seed + i``
-        when sampling). Captions end at the end token ([SEP] unless the export names another)
+        """Image captioning: PIL images, paths or code grids (LongTensor [h, w], e.g. from
+        pretokenized shards) -> one caption each (image i: seed ``seed + i`` when sampling). Captions end at the end token ([SEP] unless the export names another)
         or after ``max_len`` tokens (default: the export's max_text_len)."""
         from cogview.generation.sampling import generate_captions
 
         if isinstance(images, (str, Path, Image.Image)):
             images = [images]
-        pictures = [self.prepare_image(image) for image in images]
-        if not pictures:
+        items = [image if isinstance(image, torch.Tensor) else self.prepare_image(image)
+                 for image in images]  # code grids [h, w] pass through
+        if not items:
             raise ValueError("no images given to caption")
         max_len = max_len or self.max_text_len or 64
-        indexed = list(enumerate(pictures))
+        indexed = list(enumerate(items))
 
-        def describe(chunk: list[tuple[int, Image.Image]]) -> list[str]:
-            codes = self.image_tokenizer.encode([picture for _, picture in chunk])  # (b, h, w)
+        def describe(chunk: list[tuple[int, object]]) -> list[str]:
+            pictures = [item for _, item in chunk if not isinstance(item, torch.Tensor)]
+            encoded = iter(self.encode_images(pictures).flatten(1)) if pictures else iter(())
+            codes = [item.flatten().long() if isinstance(item, torch.Tensor) else next(encoded)
+                     for _, item in chunk]
             text_ids = generate_captions(
-                self.model, self.vocab, list(codes.flatten(1).cpu()), max_len,
+                self.model, self.vocab, codes, max_len,
                 [seed + index for index, _ in chunk], greedy=greedy, stop_id=self.caption_stop_id,
                 temperature=temperature, top_k=top_k)
             return [self.text_tokenizer.decode(ids) for ids in text_ids]

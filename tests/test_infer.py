@@ -237,3 +237,28 @@ def test_infer_eval_runs_the_shapes_benchmark_on_an_export_folder(exports, sr_ex
     for picture in ("t2i_accuracy.png", "t2i_two.png", "t2i_two_reranked.png", "caption_two.png",
                     "sr_seen.png"):
         assert picture in report and (out / picture).is_file()
+
+
+def test_infer_caption_reads_codes_from_pretokenized_shards(exports, tmp_path):
+    from tests.helpers import make_token_shards
+
+    shards = make_token_shards(exports / "vq", tmp_path / "shards", n=6, size=64, shard_size=3)
+    out = tmp_path / "out"
+    infer_in_process("task=caption", f"ckpt={exports / 'caption'}", f"shards={shards}", "limit=4",
+                     "precision=32-true", f"output_dir={out}")
+    rows = read_rows(out / "results.jsonl")
+    assert [row["id"] for row in rows] == [0, 1, 2, 3]
+    assert all(row["truth"] and isinstance(row["caption"], str) for row in rows)
+    assert rows[3]["shard"].endswith("000001.tar")  # the second shard
+    # the codes in the shard are the image's codes: captioning the decoded image agrees
+    from cogview import Pipeline
+    from cogview.data.datamodule import decode_sample
+    from cogview.data.sources import read_tar
+
+    record = next(read_tar(rows[0]["shard"]))
+    codes = torch.from_numpy(decode_sample(record.members, record.key, False).image_codes.astype("int64"))
+    pipe = Pipeline.from_pretrained(exports / "caption", precision="32-true")
+    assert pipe.caption([codes], progress=False) == [rows[0]["caption"]]
+    with pytest.raises(ValueError, match="not both"):
+        infer_in_process("task=caption", f"ckpt={exports / 'caption'}", f"shards={shards}",
+                         "images=[a.png]")
