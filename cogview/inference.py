@@ -525,6 +525,18 @@ def evaluate_exports(cfg: DictConfig, shards: Shards) -> Path:
                   temperature=cfg.temperature, batch_size=cfg.max_inference_batch_size,
                   fid_features=cfg.fid_features, is_classifier=cfg.is_classifier,
                   caption_images=cfg.caption_images, sr_images=cfg.sr_images)
+    runs = [Path(run) for run in (cfg.get("runs") or [])]
+    if runs:
+        from cogview.eval.plots import plot_loss_curves
+
+        logs = {run.name: run / "logs" / "metrics.csv" for run in runs}
+        missing = [str(path) for path in logs.values() if not path.is_file()]
+        if missing:
+            raise FileNotFoundError(f"runs=: no CSV log at {missing}; train with logger=csv "
+                                    "(it writes <run>/logs/metrics.csv)")
+        plot_loss_curves(logs, out / "loss_curves.png")
+        with open(out / "report.md", "a", encoding="utf-8") as report:
+            report.write("\n## Training curves\n\n![losses](loss_curves.png)\n")
     for split, result in results.get("t2i", {}).items():
         log.info("t2i %s: full match %.1f%%", split, 100 * result["one_sample"]["full_match"])
     log.info("report: %s", out / "report.md")

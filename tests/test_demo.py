@@ -31,3 +31,5 @@ def test_demo_smoke_budget_writes_report_and_reuses_stages(tmp_path, capsys):
     capsys.readouterr()
     assert main(args) == 0  # the second run reuses every finished stage
     assert capsys.readouterr().out.count("reusing") == 6
+    report = (report_dir / "report.md").read_text()
+    assert "not recorded" not in report  # reused stages show the time they took when they ran

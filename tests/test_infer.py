@@ -225,8 +225,12 @@ def test_torchrun_two_processes_shard_prompts_and_merge_results(exports, tmp_pat
 
 def test_infer_eval_runs_the_shapes_benchmark_on_an_export_folder(exports, sr_export, tmp_path):
     out = tmp_path / "eval"
+    run = tmp_path / "t2i_run"
+    (run / "logs").mkdir(parents=True)
+    (run / "logs" / "metrics.csv").write_text(
+        "epoch,step,train/loss,val/loss\n0,9,5.0,\n0,9,,5.5\n0,19,3.0,\n0,19,,3.5\n")
     infer_in_process("task=eval", f"ckpt={exports}", "prompts_per_split=2", "num_candidates=2",
-                     "caption_images=2", "sr_images=2", f"output_dir={out}")
+                     "caption_images=2", "sr_images=2", f"runs=[{run}]", f"output_dir={out}")
     results = json.loads((out / "eval.json").read_text())
     assert set(results) == {"t2i", "caption", "sr"}
     assert set(results["t2i"]) == {"seen", "heldout", "two"}
@@ -235,7 +239,7 @@ def test_infer_eval_runs_the_shapes_benchmark_on_an_export_folder(exports, sr_ex
     assert two["rerank"]["n_candidates"] == 4  # 2 prompts x 2 candidates, caption-scored
     report = (out / "report.md").read_text()
     for picture in ("t2i_accuracy.png", "t2i_two.png", "t2i_two_reranked.png", "caption_two.png",
-                    "sr_seen.png"):
+                    "sr_seen.png", "loss_curves.png"):
         assert picture in report and (out / picture).is_file()
 
 
