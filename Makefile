@@ -37,6 +37,7 @@ test-all: install
 bench: install
 	$(PY) benchmarks/pb_relax_softmax.py
 	$(PY) benchmarks/sampling.py
+	$(PY) benchmarks/sampling_batch_curve.py
 	$(PY) benchmarks/training_throughput.py --preset small
 	$(PY) benchmarks/data_loader.py
 	$(PY) benchmarks/pretokenize.py
