@@ -340,14 +340,7 @@ def caption_images(cfg: DictConfig, shards: Shards) -> Path:
     items = read_images([paths[i] for i in shards.mine(len(paths))], pipe.prepare_image)
     for (row, _), index in zip(items, shards.mine(len(paths))):
         row["id"] = row["_order"] = index
-    good = [(row, image) for row, image in items if image is not None]
-    if good:
-        captions = pipe.caption([image for _, image in good], greedy=cfg.greedy,
-                                max_len=cfg.get("max_len"), seed=cfg.seed,
-                                temperature=cfg.temperature, top_k=cfg.top_k,
-                                max_inference_batch_size=cfg.max_inference_batch_size)
-        for (row, _), caption in zip(good, captions):
-            row["caption"] = caption
+    add_captions(cfg, pipe, items)
     return finish(out, [row for row, _ in items], shards, "caption")
 
 
@@ -361,15 +354,21 @@ def caption_shards(cfg: DictConfig, shards: Shards) -> Path:
     mine = [items[i] for i in shards.mine(len(items))]
     for row, _ in mine:
         row["_order"] = row["id"]
-    good = [(row, codes) for row, codes in mine if codes is not None]
-    if good:
-        captions = pipe.caption([codes for _, codes in good], greedy=cfg.greedy,
-                                max_len=cfg.get("max_len"), seed=cfg.seed,
-                                temperature=cfg.temperature, top_k=cfg.top_k,
-                                max_inference_batch_size=cfg.max_inference_batch_size)
-        for (row, _), caption in zip(good, captions):
-            row["caption"] = caption
+    add_captions(cfg, pipe, mine)
     return finish(out, [row for row, _ in mine], shards, "caption")
+
+
+def add_captions(cfg: DictConfig, pipe, items: list[tuple[dict, object]]) -> None:
+    """Captions every item that has an image or code grid and stores it in its row."""
+    good = [(row, item) for row, item in items if item is not None]
+    if not good:
+        return
+    captions = pipe.caption([item for _, item in good], greedy=cfg.greedy,
+                            max_len=cfg.get("max_len"), seed=cfg.seed,
+                            temperature=cfg.temperature, top_k=cfg.top_k,
+                            max_inference_batch_size=cfg.max_inference_batch_size)
+    for (row, _), caption in zip(good, captions):
+        row["caption"] = caption
 
 
 def rerank_images(cfg: DictConfig, shards: Shards) -> Path:

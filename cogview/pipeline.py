@@ -107,6 +107,21 @@ def check_count(name: str, value) -> None:
         raise ValueError(f"{name}={value!r} must be a positive int")
 
 
+def pair_prompts(images, prompts, what: str) -> tuple[list, list[str]]:
+    """One image (PIL or path) or a list, with one prompt for all or one each -> two equal
+    lists; ValueError for no images or mismatched counts."""
+    if isinstance(images, (str, Path, Image.Image)):
+        images = [images]
+    images = list(images)
+    prompt_list = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+    if not images:
+        raise ValueError(f"no images given to {what}")
+    if len(prompt_list) != len(images):
+        raise ValueError(f"got {len(images)} images and {len(prompt_list)} prompts; pass one "
+                         "prompt per image (or one str for all)")
+    return images, prompt_list
+
+
 class TokenProgress:
     """Turns per-chunk step callbacks into ``callback(done_tokens, total_tokens)`` for a run.
 
@@ -372,15 +387,7 @@ class Pipeline:
         from cogview.data.images import load_image, resize_center_crop, to_rgb
         from cogview.generation.superres import plan_sr_windows, sliding_window_sr
 
-        if isinstance(images, (str, Path, Image.Image)):
-            images = [images]
-        images = list(images)
-        prompt_list = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
-        if not images:
-            raise ValueError("no images given to super-resolve")
-        if len(prompt_list) != len(images):
-            raise ValueError(f"got {len(images)} images and {len(prompt_list)} prompts; pass one "
-                             "prompt per image (or one str for all)")
+        images, prompt_list = pair_prompts(images, prompts, "super-resolve")
         window_px = 8 * self.sr_window
         pictures = []
         for index, image in enumerate(images):
@@ -419,15 +426,8 @@ class Pipeline:
         (image, prompt) pair; higher means the caption fits the image better."""
         from cogview.generation.scoring import caption_log_likelihood
 
-        if isinstance(images, (str, Path, Image.Image)):
-            images = [images]
+        images, prompt_list = pair_prompts(images, prompts, "score")
         pictures = [self.prepare_image(image) for image in images]
-        prompt_list = [prompts] * len(pictures) if isinstance(prompts, str) else list(prompts)
-        if not pictures:
-            raise ValueError("no images given to score")
-        if len(prompt_list) != len(pictures):
-            raise ValueError(f"got {len(pictures)} images and {len(prompt_list)} prompts; pass "
-                             "one prompt per image (or one str for all)")
         texts = [self.encode_prompt(p, f"prompt {i}") for i, p in enumerate(prompt_list)]
 
         def score(chunk: list[int]) -> list[float]:
