@@ -79,8 +79,10 @@ def pretokenize_shapes(demo: DictConfig, vqvae: Path, out: Path, size: int, samp
 
 def train_sequence_task(demo: DictConfig, task: str, vqvae: Path, shards: Path, out: Path,
                         init_from: Path | None = None) -> None:
-    """train.py task=<task> with the demo's budget for it (demo.<task>)."""
+    """train.py task=<task> with the demo's budget for it (demo.<task>), scored on shapes-zh
+    every ``eval_every`` steps (ShapesOracleEval: <run>/oracle_curve.json)."""
     budget = demo[task]
+    curve_size = demo.eval.sr_curve_images if task == "sr" else demo.eval.curve_prompts
     overrides = [
         f"task={task}", "logger=csv", f"output_dir={demo.runs_dir}/{task}", f"export_dir={out}",
         f"vqvae_dir={vqvae}", f"data.train_shards={shards}", "data.resampled=true",
@@ -88,10 +90,11 @@ def train_sequence_task(demo: DictConfig, task: str, vqvae: Path, shards: Path, 
         f"trainer.val_check_interval={budget.val_every}", "trainer.limit_val_batches=4",
         f"task.sample_every_n_steps={budget.val_every}", f"task.lr={budget.lr}",
         f"task.warmup_steps={budget.warmup_steps}",
-        *[f"model.{k}={v}" for k, v in demo.t2i.model.items()], f"seed={demo.seed}"]
-    if task == "t2i":
-        overrides += ["callbacks=shapes", f"callbacks.shapes_eval.every_n_steps={budget.eval_every}",
-                      f"callbacks.shapes_eval.prompts_per_split={demo.eval.curve_prompts}"]
+        *[f"model.{k}={v}" for k, v in demo.t2i.model.items()], f"seed={demo.seed}",
+        "callbacks=shapes", f"callbacks.shapes_eval.every_n_steps={budget.eval_every}",
+        f"callbacks.shapes_eval.prompts_per_split={curve_size}",
+        f"callbacks.shapes_eval.top_k={demo.eval.top_k}",
+        f"callbacks.shapes_eval.temperature={demo.eval.temperature}"]
     if init_from is not None:
         overrides.append(f"task.init_from={init_from}")
     train(compose_config("train", overrides))
@@ -99,28 +102,31 @@ def train_sequence_task(demo: DictConfig, task: str, vqvae: Path, shards: Path, 
 
 def evaluate(demo: DictConfig, exports: dict[str, Path], report_dir: Path) -> dict:
     """The shapes-zh benchmark on the demo's exports (what ``infer.py task=eval`` runs)."""
-    from cogview.eval.shapes_bench import caption_benchmark, sr_benchmark, t2i_benchmark
+    from cogview.eval.shapes_bench import run
     from cogview.pipeline import Pipeline
 
     pipes = {task: Pipeline.from_pretrained(path) for task, path in exports.items()}
     ev = demo.eval
-    results = {"t2i": t2i_benchmark(pipes["t2i"], reranker=pipes.get("caption"),
-                                    prompts_per_split=ev.prompts_per_split,
-                                    num_candidates=ev.num_candidates, seed=demo.seed,
-                                    top_k=ev.top_k, temperature=ev.temperature,
-                                    out_dir=report_dir)}
-    if "caption" in pipes:
-        results["caption"] = caption_benchmark(pipes["caption"], images_per_split=ev.caption_images,
-                                               out_dir=report_dir)
-    if "sr" in pipes:
-        results["sr"] = sr_benchmark(pipes["sr"], images_per_split=ev.sr_images, out_dir=report_dir)
-    return results
+    return run(**pipes, out_dir=report_dir, write_report=False,
+               prompts_per_split=ev.prompts_per_split, num_candidates=ev.num_candidates,
+               seed=demo.seed, top_k=ev.top_k, temperature=ev.temperature,
+               rerank_temperature=ev.rerank_temperature,
+               caption_images=ev.caption_images, sr_images=ev.sr_images)
 
 
-def plots(runs_dir: Path, report_dir: Path, results: dict) -> dict:
-    """Loss curves of the runs, oracle accuracy against training time, accuracy bars."""
-    from cogview.eval.plots import plot_accuracy_bars, plot_loss_curves
-    from cogview.eval.shapes_bench import SPLIT_NAMES
+T2I_TARGETS = {"seen": 0.8, "heldout": 0.4, "two": 0.4}  # full match, 1 sample (the benchmark's)
+
+
+def read_curves(runs_dir: Path) -> dict[str, list[dict]]:
+    """{task: ShapesOracleEval points} for the demo's runs that wrote oracle_curve.json."""
+    files = {task: runs_dir / task / "oracle_curve.json" for task in ("t2i", "caption", "sr")}
+    return {task: json.loads(path.read_text()) for task, path in files.items() if path.is_file()}
+
+
+def plots(runs_dir: Path, report_dir: Path, curves: dict[str, list[dict]]) -> dict:
+    """Loss curves of the runs and quality against training time (the accuracy bars come
+    with the benchmark)."""
+    from cogview.eval.plots import plot_loss_curves, plot_quality_curves
 
     pictures = {}
     logs = {task: runs_dir / task / "logs" / "metrics.csv" for task in ("vqvae", "t2i", "caption", "sr")}
@@ -128,45 +134,26 @@ def plots(runs_dir: Path, report_dir: Path, results: dict) -> dict:
     if logs:
         plot_loss_curves(logs, report_dir / "loss_curves.png")
         pictures["loss"] = "loss_curves.png"
-    bars = {SPLIT_NAMES[s]: {a: r["one_sample"][a] for a in ("color", "shape", "position", "size",
-                                                             "full_match")}
-            for s, r in results["t2i"].items()}
-    plot_accuracy_bars(bars, report_dir / "t2i_accuracy.png")
-    pictures["accuracy"] = "t2i_accuracy.png"
-    curve_file = runs_dir / "t2i" / "oracle_curve.json"
-    if curve_file.is_file():
-        plot_oracle_curve(json.loads(curve_file.read_text()), report_dir / "t2i_accuracy_curve.png")
-        pictures["curve"] = "t2i_accuracy_curve.png"
+    if curves:
+        plot_quality_curves(curves, report_dir / "quality_curves.png", {"t2i": T2I_TARGETS})
+        pictures["curve"] = "quality_curves.png"
     return pictures
 
 
-def plot_oracle_curve(curve: list[dict], path: Path) -> None:
-    """Full match per split against training minutes (from ShapesOracleEval)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from cogview.eval.shapes_bench import SPLIT_NAMES
-
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
-    minutes = [point["train_seconds"] / 60 for point in curve]
-    for split, name in SPLIT_NAMES.items():
-        key = f"{split}_full_match"
-        if all(key in point for point in curve):
-            ax.plot(minutes, [100 * point[key] for point in curve], marker="o", label=name)
-    ax.set_xlabel("t2i training time (minutes, 2 CPU cores)")
-    ax.set_ylabel("oracle full match (%)")
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+def curve_table(task: str, points: list[dict]) -> list[str]:
+    """A markdown table of one task's ShapesOracleEval points."""
+    keys = [k for k in points[0] if k not in ("step", "train_seconds")]
+    percent = task != "sr"
+    lines = ["| step | minutes | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in keys) + " |"]
+    for p in points:
+        cells = [f"{p[k]:.1%}" if percent else f"{p[k]:.2f}" for k in keys]
+        lines.append(f"| {p['step']} | {p['train_seconds'] / 60:.1f} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def write_report(report_dir: Path, timings: dict, results: dict, pictures: dict,
-                 runs_dir: Path, curve: list[dict]) -> Path:
+                 runs_dir: Path, curves: dict[str, list[dict]]) -> Path:
     from cogview.eval.shapes_bench import markdown
 
     lines = ["# cogview demo on shapes-zh", "",
@@ -178,17 +165,15 @@ def write_report(report_dir: Path, timings: dict, results: dict, pictures: dict,
     known = [seconds for seconds in timings.values() if seconds is not None]
     lines += [f"| total | {sum(known):.0f} s{'' if len(known) == len(timings) else ' (recorded stages)'} |",
               "", "Stages reused from an earlier run show the time they took when they ran.", ""]
-    if "accuracy" in pictures:
-        lines += [f"![accuracy per attribute]({pictures['accuracy']})", ""]
+    if "t2i" in results:
+        lines += ["![accuracy per attribute](t2i_accuracy.png)", ""]
     if "curve" in pictures:
-        lines += ["## t2i accuracy against training time", "",
-                  f"![accuracy curve]({pictures['curve']})", "",
-                  "| step | minutes | " + " | ".join(f"{s} full match" for s in ("seen", "heldout", "two"))
-                  + " |", "| --- | --- | --- | --- | --- |"]
-        lines += [f"| {p['step']} | {p['train_seconds'] / 60:.1f} | " + " | ".join(
-            f"{p.get(f'{s}_full_match', float('nan')):.1%}" for s in ("seen", "heldout", "two"))
-            + " |" for p in curve]
-        lines.append("")
+        lines += ["## Quality against training time", "",
+                  "Scored while training (ShapesOracleEval, `callbacks=shapes`) on fewer "
+                  "prompts than the benchmark below; minutes exclude the evaluations.", "",
+                  f"![quality curves]({pictures['curve']})", ""]
+        for task, points in curves.items():
+            lines += [f"### {task}", ""] + curve_table(task, points)
     lines += markdown(results)
     if "loss" in pictures:
         lines += ["## Training curves", "", f"![losses]({pictures['loss']})", ""]
@@ -235,13 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     print("[demo] evaluate ...", flush=True)
     results = evaluate(demo, exports, report_dir)
     timings["evaluate"] = time.perf_counter() - start
-    pictures = plots(runs_dir, report_dir, results)
-    curve_file = runs_dir / "t2i" / "oracle_curve.json"
-    curve = json.loads(curve_file.read_text()) if curve_file.is_file() else []
+    curves = read_curves(runs_dir)
+    pictures = plots(runs_dir, report_dir, curves)
     (report_dir / "scores.json").write_text(json.dumps(
-        {"config": OmegaConf.to_container(demo), "timings_s": timings, "accuracy_curve": curve,
+        {"config": OmegaConf.to_container(demo), "timings_s": timings, "curves": curves,
          **results}, ensure_ascii=False, indent=1))
-    report = write_report(report_dir, timings, results, pictures, runs_dir, curve)
+    report = write_report(report_dir, timings, results, pictures, runs_dir, curves)
     print(f"[demo] report: {report}")
     print(f"[demo] models: {vqvae} (VQ-VAE), " + ", ".join(
         f"{path} ({task})" for task, path in exports.items())

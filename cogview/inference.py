@@ -522,6 +522,7 @@ def evaluate_exports(cfg: DictConfig, shards: Shards) -> Path:
     results = run(**pipes, out_dir=out, prompts_per_split=cfg.prompts_per_split,
                   num_candidates=cfg.num_candidates, seed=cfg.seed, top_k=cfg.top_k,
                   temperature=cfg.temperature, batch_size=cfg.max_inference_batch_size,
+                  rerank_temperature=cfg.get("rerank_temperature"),
                   fid_features=cfg.fid_features, is_classifier=cfg.is_classifier,
                   caption_images=cfg.caption_images, sr_images=cfg.sr_images)
     runs = [Path(run) for run in (cfg.get("runs") or [])]

@@ -15,7 +15,7 @@ def test_demo_smoke_budget_writes_report_and_reuses_stages(tmp_path, capsys):
     report_dir = tmp_path / "report"
     report = (report_dir / "report.md").read_text()
     pictures = ["t2i_seen.png", "t2i_heldout.png", "t2i_two.png", "t2i_two_reranked.png",
-                "caption_seen.png", "sr_seen.png", "t2i_accuracy.png", "t2i_accuracy_curve.png",
+                "caption_seen.png", "sr_seen.png", "t2i_accuracy.png", "quality_curves.png",
                 "loss_curves.png", "vqvae_reconstructions.png"]
     for picture in pictures:
         assert picture in report and (report_dir / picture).is_file(), picture
@@ -25,7 +25,11 @@ def test_demo_smoke_budget_writes_report_and_reuses_stages(tmp_path, capsys):
         assert {"one_sample", "rerank", "caps", "fid", "fid_k", "is"} <= set(split)
     assert set(scores["caption"]) == {"seen", "heldout", "two"}
     assert {"psnr", "bicubic_psnr", "ssim"} <= set(scores["sr"]["seen"])
-    assert [p["step"] for p in scores["accuracy_curve"]] == [10, 20]
+    assert [p["step"] for p in scores["curves"]["t2i"]] == [10, 20]
+    assert [p["step"] for p in scores["curves"]["caption"]] == [5, 10]
+    assert [p["step"] for p in scores["curves"]["sr"]] == [6]
+    assert "two_exact_match" in scores["curves"]["caption"][0]
+    assert {"seen_psnr", "seen_bicubic_psnr"} <= set(scores["curves"]["sr"][0])
     for stage in ("vqvae", "t2i", "caption", "sr"):
         assert (tmp_path / "artifacts" / stage / "model.safetensors").is_file()
     capsys.readouterr()

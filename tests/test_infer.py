@@ -266,3 +266,26 @@ def test_infer_caption_reads_codes_from_pretokenized_shards(exports, tmp_path):
     with pytest.raises(ValueError, match="not both"):
         infer_in_process("task=caption", f"ckpt={exports / 'caption'}", f"shards={shards}",
                          "images=[a.png]")
+
+
+def test_t2i_benchmark_draws_the_rerank_pool_at_its_own_temperature(exports):
+    from cogview import Pipeline
+    from cogview.data.shapes import eval_prompts
+    from cogview.eval.oracle import evaluate
+    from cogview.eval.shapes_bench import t2i_benchmark
+
+    t2i = Pipeline.from_pretrained(exports / "t2i", precision="32-true")
+    caption = Pipeline.from_pretrained(exports / "caption", precision="32-true")
+    settings = dict(splits=["two"], prompts_per_split=3, num_candidates=2, seed=5, top_k=50,
+                    progress=False)
+    result = t2i_benchmark(t2i, reranker=caption, temperature=0.3, rerank_temperature=1.0,
+                           **settings)["two"]
+    assert (result["temperature"], result["rerank_temperature"]) == (0.3, 1.0)
+    prompts = eval_prompts("two", 3, seed=5)
+    captions, scenes = [p["caption"] for p in prompts], [p["scene"] for p in prompts]
+    sharp = [group[0] for group in t2i(captions, num_images=1, seed=5, top_k=50, temperature=0.3,
+                                       progress=False)]
+    assert result["one_sample"] == evaluate(sharp, scenes)  # 1-sample: the sharp draw
+    pool = t2i_benchmark(t2i, reranker=caption, temperature=1.0, **settings)["two"]
+    assert pool["rerank"] == result["rerank"]  # the pool: the same draws as at temperature 1.0
+    assert pool["random_pick_full_match"] == result["random_pick_full_match"]

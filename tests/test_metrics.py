@@ -539,3 +539,25 @@ def test_plot_accuracy_bars(tmp_path):
         plot_accuracy_bars({"seen": {"color": 97}}, tmp_path / "bad.png")
     with pytest.raises(ValueError, match="no results"):
         plot_accuracy_bars({}, tmp_path / "bad.png")
+
+
+def test_plot_quality_curves(tmp_path):
+    from cogview.eval.plots import plot_quality_curves
+
+    curves = {
+        "t2i": [{"step": s, "train_seconds": 60.0 * s, "seen_full_match": 0.2 * s,
+                 "two_full_match": 0.1 * s} for s in (1, 2, 3)],
+        "sr": [{"step": 1, "train_seconds": 30.0, "seen_psnr": 20.0, "seen_bicubic_psnr": 36.0}],
+    }
+    path = plot_quality_curves(curves, tmp_path / "curves.png", {"t2i": {"seen": 0.8}})
+    width, height = png_size(path)
+    one = plot_quality_curves({"t2i": curves["t2i"]}, tmp_path / "one.png")
+    assert png_size(one)[0] < width and png_size(one)[1] == height  # one panel per task
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    assert (np.abs(pixels - (31, 119, 180)).sum(-1) < 30).sum() > 200  # seen (C0) lines
+    with pytest.raises(ValueError, match="no curve panel for \\['vqvae'\\]"):
+        plot_quality_curves({"vqvae": curves["sr"]}, tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="no points"):
+        plot_quality_curves({"t2i": []}, tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="no train_seconds"):
+        plot_quality_curves({"sr": [{"step": 1, "seen_psnr": 20.0}]}, tmp_path / "bad.png")

@@ -110,9 +110,21 @@ def test_ddp_cpu_two_processes_over_gloo(assets, tmp_path):
     CogViewTransformer.from_pretrained(run / "export")
 
 
-def test_shapes_oracle_eval_logs_accuracy_against_training_time(assets, tmp_path):
-    run = tmp_path / "run"
-    command = base_command(assets, f"hydra.run.dir={run}", "trainer.max_steps=4",
+@pytest.fixture(scope="module")
+def sr_shards(assets, tmp_path_factory):
+    return make_token_shards(assets["vqvae"], tmp_path_factory.mktemp("sr-shards") / "sr", n=32,
+                             size=128, sr=True, shard_size=16)
+
+
+@pytest.mark.parametrize("task", ["t2i", "caption", "sr"])
+def test_shapes_eval_scores_each_task_against_training_time(assets, sr_shards, tmp_path, task):
+    from cogview.eval.shapes_bench import sr_benchmark
+    from cogview.pipeline import Pipeline
+
+    run = tmp_path / task
+    shards = sr_shards if task == "sr" else assets["shards"]
+    command = base_command(assets, f"task={task}", f"data.train_shards={shards}",
+                           f"hydra.run.dir={run}", "trainer.max_steps=4",
                            "trainer.val_check_interval=4", "trainer.log_every_n_steps=1",
                            "callbacks=shapes", "callbacks.shapes_eval.every_n_steps=2",
                            "callbacks.shapes_eval.prompts_per_split=2")
@@ -121,10 +133,22 @@ def test_shapes_oracle_eval_logs_accuracy_against_training_time(assets, tmp_path
     curve = json.loads((run / "oracle_curve.json").read_text())
     assert [point["step"] for point in curve] == [2, 4]
     assert 0 < curve[0]["train_seconds"] <= curve[1]["train_seconds"]
+    splits = ("seen", "heldout", "two")
+    metrics = {"t2i": [f"{s}_full_match" for s in splits],
+               "caption": [f"{s}_exact_match" for s in splits],
+               "sr": [f"{s}_{m}" for s in splits for m in ("psnr", "bicubic_psnr")]}[task]
     for point in curve:
-        assert set(point) == {"step", "train_seconds", "seen_full_match", "heldout_full_match",
-                              "two_full_match"}
-        assert all(0 <= point[k] <= 1 for k in point if k.endswith("full_match"))
+        assert set(point) == {"step", "train_seconds", *metrics}
+        if task != "sr":
+            assert all(0 <= point[k] <= 1 for k in metrics)
     with open(run / "logs" / "metrics.csv") as handle:
-        logged = [row for row in csv.DictReader(handle) if row.get("oracle/two_full_match")]
+        logged = [row for row in csv.DictReader(handle) if row.get(f"oracle/{metrics[0]}")]
     assert [int(row["step"]) for row in logged] == [2, 4]
+    if task == "sr":  # the in-training scores are the benchmark's on the exported model
+        exported = sr_benchmark(Pipeline.from_pretrained(run / "export", precision="32-true"),
+                                splits=("seen", "heldout", "two"), images_per_split=2,
+                                progress=False)
+        for split, scores in exported.items():
+            assert curve[-1][f"{split}_psnr"] == pytest.approx(scores["psnr"], abs=2e-3)
+            assert curve[-1][f"{split}_bicubic_psnr"] == pytest.approx(scores["bicubic_psnr"],
+                                                                      abs=2e-3)

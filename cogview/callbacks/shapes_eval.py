@@ -1,6 +1,12 @@
-"""Accuracy while training: every N steps a t2i model draws the shapes-zh canonical prompts and
-the oracle reads them back (full match per split), logged as ``oracle/<split>_full_match`` and
-kept as a curve of accuracy against training time in ``<dirpath>/oracle_curve.json``.
+"""Quality while training on shapes-zh, every N steps, kept as a curve against training time in
+``<dirpath>/oracle_curve.json`` and logged as ``oracle/<metric>``:
+
+- t2i: the model draws the canonical prompts and the oracle reads them back
+  (``<split>_full_match``);
+- caption: greedy captions of rendered scenes, parsed back to attributes
+  (``<split>_exact_match``);
+- sr: 2x super-resolution of rendered scenes (``<split>_psnr`` beside
+  ``<split>_bicubic_psnr``), as ``cogview.eval.shapes_bench`` scores them.
 
     callbacks.shapes_eval:
       _target_: cogview.callbacks.ShapesOracleEval
@@ -18,11 +24,12 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
 SPLITS = ("seen", "heldout", "two")
+TASKS = ("t2i", "caption", "sr")
 
 
 class ShapesOracleEval(Callback):
-    """Samples ``prompts_per_split`` canonical prompts per split every ``every_n_steps`` training
-    steps (and at the end) and scores them with the shapes-zh oracle. t2i tasks only."""
+    """Scores ``prompts_per_split`` canonical scenes per split every ``every_n_steps`` training
+    steps (and at the end): t2i, caption and sr tasks."""
 
     def __init__(self, every_n_steps: int = 500, prompts_per_split: int = 32,
                  splits: tuple[str, ...] | list[str] = SPLITS, seed: int = 0, top_k: int = 50,
@@ -63,12 +70,15 @@ class ShapesOracleEval(Callback):
         self._started = now
 
     def run(self, trainer, pl_module) -> dict:
-        if getattr(pl_module, "layout_name", None) != "t2i":
-            raise ValueError("ShapesOracleEval scores text-to-image samples: use it with task=t2i")
+        layout = getattr(pl_module, "layout_name", None)
+        if layout not in TASKS:
+            raise ValueError(f"ShapesOracleEval scores the {'/'.join(TASKS)} tasks, not "
+                             f"{layout!r}: drop callbacks=shapes for this task")
         point = {"step": trainer.global_step, "train_seconds": round(self.train_seconds, 1),
                  **self.evaluate(trainer, pl_module)}
         self.history.append(point)
-        metrics = {f"oracle/{k}": float(v) for k, v in point.items() if k.endswith("full_match")}
+        metrics = {f"oracle/{k}": float(v) for k, v in point.items()
+                   if k not in ("step", "train_seconds")}
         if trainer.logger is not None and metrics:
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
         self._write(trainer)
@@ -83,6 +93,8 @@ class ShapesOracleEval(Callback):
 
         if trainer.global_rank != 0:
             return {}
+        if pl_module.layout_name != "t2i":
+            return self.evaluate_pipeline(trainer, pl_module)
         model, vocab = pl_module.model, pl_module.vocab
         tokenizer, vqvae = pl_module.text_tokenizer, pl_module.image_tokenizer
         side = int(round((pl_module.image_tokens or 64) ** 0.5))
@@ -103,6 +115,28 @@ class ShapesOracleEval(Callback):
         finally:
             model.train(was_training)
         return scores
+
+    def evaluate_pipeline(self, trainer, pl_module) -> dict:
+        """caption / sr: the benchmark's own scoring on the model being trained."""
+        from cogview.eval.shapes_bench import caption_benchmark, sr_benchmark
+
+        precision = str(trainer.precision)
+        precision = ("bf16-mixed" if precision.startswith("bf16") else
+                     "16-mixed" if precision.startswith("16") else "32-true")
+        was_training = pl_module.model.training
+        try:
+            pipe = pl_module.pipeline(precision)
+            if pl_module.layout_name == "caption":
+                results = caption_benchmark(pipe, splits=self.splits,
+                                            images_per_split=self.prompts_per_split, progress=False)
+                return {f"{split}_exact_match": round(float(r["exact_match"]), 4)
+                        for split, r in results.items()}
+            results = sr_benchmark(pipe, splits=self.splits, images_per_split=self.prompts_per_split,
+                                   progress=False)
+            return {f"{split}_{name}": round(float(r[name]), 3) for split, r in results.items()
+                    for name in ("psnr", "bicubic_psnr")}
+        finally:
+            pl_module.model.train(was_training)
 
     @rank_zero_only
     def _write(self, trainer) -> None:

@@ -213,3 +213,66 @@ def plot_accuracy_bars(results: Mapping[str, Mapping[str, float]], out_png: str 
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     return out
+
+
+CURVE_PANELS = {  # task -> (metric suffix in ShapesOracleEval points, y label, target)
+    "t2i": ("full_match", "t2i full match", None),
+    "caption": ("exact_match", "caption exact match", 0.9),
+    "sr": ("psnr", "sr PSNR (dB)", None),
+}
+
+
+def plot_quality_curves(curves: Mapping[str, Sequence[Mapping[str, float]]], out_png: str | Path,
+                        targets: Mapping[str, Mapping[str, float]] | None = None) -> Path:
+    """Quality against training time, one panel per task: the ``oracle_curve.json`` points
+    ``ShapesOracleEval`` writes ({"step", "train_seconds", "<split>_<metric>": value}).
+
+    t2i: full match per split; caption: exact match per split (dashed line: the 90 % target);
+    sr: PSNR per split, with the split's bicubic PSNR as a dotted line of the same colour.
+    targets: optional {task: {split: value}}, dashed lines in the split's colour.
+    Returns out_png.
+    """
+    panels = [task for task in CURVE_PANELS if curves.get(task)]
+    unknown = sorted(set(curves) - set(CURVE_PANELS))
+    if unknown:
+        raise ValueError(f"no curve panel for {unknown}; tasks: {sorted(CURVE_PANELS)}")
+    if not panels:
+        raise ValueError("plot_quality_curves got no points; pass {task: oracle_curve.json points}")
+    fig = Figure(figsize=(4.2 * len(panels), 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, task in zip(axes, panels):
+        metric, label, default_target = CURVE_PANELS[task]
+        points = curves[task]
+        for point in points:
+            if "train_seconds" not in point:
+                raise ValueError(f"a {task} curve point has no train_seconds: {dict(point)}")
+        minutes = [point["train_seconds"] / 60 for point in points]
+        splits = [key[: -len(metric) - 1] for key in points[0]
+                  if key.endswith(f"_{metric}") and not key.endswith(f"bicubic_{metric}")]
+        for i, split in enumerate(splits):
+            ax.plot(minutes, [point.get(f"{split}_{metric}", math.nan) for point in points],
+                    marker="o", markersize=3, color=f"C{i}", label=split)
+            bicubic = [point.get(f"{split}_bicubic_{metric}") for point in points]
+            if all(value is not None for value in bicubic):  # the same images at every point
+                ax.axhline(sum(bicubic) / len(bicubic), linestyle=":", color=f"C{i}",
+                           label=f"{split} bicubic")
+            target = (targets or {}).get(task, {}).get(split)
+            if target is not None:
+                ax.axhline(target, color=f"C{i}", linestyle="--", linewidth=0.8, alpha=0.7,
+                           label=f"{split} target")
+        if metric != "psnr":
+            ax.set_ylim(0, 1.02)
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+            if default_target is not None:
+                ax.axhline(default_target, color="black", linestyle="--", linewidth=1,
+                           label=f"target {default_target:.0%}")
+        ax.set_xlabel("training minutes (evaluation excluded)")
+        ax.set_ylabel(label)
+        ax.set_title(f"{task} (target: bicubic + 1 dB)" if metric == "psnr" else task)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out

@@ -39,7 +39,7 @@ def t2i_benchmark(pipe, reranker=None, splits=SPLITS, prompts_per_split: int = 6
                   num_candidates: int = 8, seed: int = 0, top_k: int | None = 50,
                   temperature: float = 1.0, batch_size: int = 64, fid_features="random",
                   is_classifier="oracle", out_dir: str | Path | None = None,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, rerank_temperature: float | None = None) -> dict:
     """Per split: ``num_candidates`` images per canonical prompt (candidate i: seed + i).
 
     "one_sample": oracle scores of candidate 0 (the 1-sample accuracy); with a reranker,
@@ -47,22 +47,33 @@ def t2i_benchmark(pipe, reranker=None, splits=SPLITS, prompts_per_split: int = 6
     (a random pick); "caps": caption scores of candidate 0 and of the real renders;
     "fid"/"fid_k": candidate 0 vs renders of the same scenes; "is": Inception Score under
     ``is_classifier`` (real renders' IS beside it).
+
+    ``rerank_temperature`` (default: ``temperature``) draws the candidate pool at its own
+    temperature, e.g. 1.0 for a diverse pool (CogView's post-selection) while the 1-sample
+    score uses a sharper ``temperature``; the 1-sample images are then drawn separately
+    (same seeds).
     """
     out_dir = Path(out_dir) if out_dir else None
+    pool_temperature = temperature if rerank_temperature is None else rerank_temperature
     results = {}
     for split in splits:
         prompts = eval_prompts(split, prompts_per_split, seed=seed)
         captions = [p["caption"] for p in prompts]
         scenes = [p["scene"] for p in prompts]
         candidates = pipe(captions, num_images=num_candidates, seed=seed, top_k=top_k,
-                          temperature=temperature, max_inference_batch_size=batch_size,
+                          temperature=pool_temperature, max_inference_batch_size=batch_size,
                           progress=progress)  # [prompt][candidate]
         first = [group[0] for group in candidates]
+        if pool_temperature != temperature:
+            first = [group[0] for group in pipe(
+                captions, num_images=1, seed=seed, top_k=top_k, temperature=temperature,
+                max_inference_batch_size=batch_size, progress=progress)]
         size = first[0].width
         real = [render_scene(scene, size) for scene in scenes]
         matches = [[bool(score_scene(read_scene(image), scene)["full_match"]) for image in group]
                    for group, scene in zip(candidates, scenes)]
         result = {"n_prompts": len(prompts), "num_candidates": num_candidates,
+                  "temperature": temperature, "rerank_temperature": pool_temperature,
                   "one_sample": evaluate(first, scenes),
                   "random_pick_full_match": sum(map(sum, matches)) / sum(map(len, matches))}
         if reranker is not None:
@@ -164,8 +175,11 @@ def markdown(results: dict) -> list[str]:
     """Tables of a benchmark result ({"t2i", "caption", "sr"} as available)."""
     lines = []
     if "t2i" in results:
+        first = next(iter(results["t2i"].values()))
         lines += ["## Text-to-image, scored by the shapes-zh oracle", "",
-                  "One sample per canonical prompt; best-of-N by caption score vs a random pick. "
+                  f"One sample per canonical prompt (temperature {first.get('temperature', '?')}); "
+                  f"best-of-N by caption score vs a random pick of the same N (pool drawn at "
+                  f"temperature {first.get('rerank_temperature', '?')}). "
                   "FID uses the configured feature extractor (default: a fixed random conv net, "
                   "16 features), so compare FIDs only between runs with the same extractor and "
                   "image count.", "", "| prompts | n | colour | shape | position | size | full match | "
@@ -217,8 +231,10 @@ def markdown(results: dict) -> list[str]:
 
 
 @torch.no_grad()
-def run(t2i=None, caption=None, sr=None, out_dir: str | Path = "outputs/eval", **settings) -> dict:
-    """All benchmarks for the pipelines given; writes eval.json, report.md and pictures."""
+def run(t2i=None, caption=None, sr=None, out_dir: str | Path = "outputs/eval",
+        write_report: bool = True, **settings) -> dict:
+    """All benchmarks for the pipelines given; writes the pictures, the accuracy bars and
+    (unless ``write_report=False``, for a caller writing its own) eval.json and report.md."""
     from cogview.eval.plots import plot_accuracy_bars
 
     out_dir = Path(out_dir)
@@ -226,7 +242,7 @@ def run(t2i=None, caption=None, sr=None, out_dir: str | Path = "outputs/eval", *
     results = {}
     t2i_settings = {k: v for k, v in settings.items() if k in (
         "prompts_per_split", "num_candidates", "seed", "top_k", "temperature", "batch_size",
-        "fid_features", "is_classifier")}
+        "fid_features", "is_classifier", "rerank_temperature")}
     if t2i is not None:
         results["t2i"] = t2i_benchmark(t2i, reranker=caption, out_dir=out_dir, **t2i_settings)
     if caption is not None:
@@ -244,6 +260,8 @@ def run(t2i=None, caption=None, sr=None, out_dir: str | Path = "outputs/eval", *
         plot_accuracy_bars(bars, out_dir / "t2i_accuracy.png")
         lines += ["![accuracy](t2i_accuracy.png)", ""]
     lines += markdown(results)
+    if not write_report:
+        return results
     (out_dir / "eval.json").write_text(json.dumps(results, ensure_ascii=False, indent=1))
     (out_dir / "report.md").write_text("\n".join(lines))
     return results

@@ -217,10 +217,22 @@ class SequenceTask(CogViewTask):
         if vqvae_copy.exists():
             shutil.rmtree(vqvae_copy)
         shutil.copytree(self.hparams.vqvae_dir, vqvae_copy)
+        (directory / EXPORT_CONFIG).write_text(json.dumps(self.export_info(), indent=2,
+                                                          ensure_ascii=False))
+        return directory
+
+    def export_info(self) -> dict:
+        """What ``cogview.json`` says of this model: task, vocabulary, layout settings."""
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
-        info = {"task": self.layout_name, "vocab": self.vocab.to_dict(),
+        return {"task": self.layout_name, "vocab": self.vocab.to_dict(),
                 "max_text_len": self.hparams.max_text_len, "image_tokens": self.image_tokens,
                 "caption_end_token": getattr(datamodule, "caption_end_token", None),
                 "text_tokenizer": "text_tokenizer", "image_tokenizer": "vqvae"}
-        (directory / EXPORT_CONFIG).write_text(json.dumps(info, indent=2, ensure_ascii=False))
-        return directory
+
+    def pipeline(self, precision: str = "bf16-mixed"):
+        """The model being trained as an in-memory ``Pipeline`` (same weights, no copy), for
+        evaluating while training. It puts the model in eval mode: restore train mode after."""
+        from cogview.pipeline import Pipeline
+
+        return Pipeline(self.model, self.text_tokenizer, self.image_tokenizer.to(self.device), self.vocab,
+                        self.export_info(), device=self.device, precision=precision)
