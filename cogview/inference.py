@@ -380,12 +380,14 @@ def rerank_images(cfg: DictConfig, shards: Shards) -> Path:
         raise ValueError('task=rerank needs the prompt the images are scored against: '
                          "\"prompt='左上角有一个大的红色圆形'\"")
     paths = list_images(cfg.images)
-    pipe = load_pipeline(cfg)
     out = prepare_output(cfg, shards)
+    if shards.rank != 0:  # the images are ranked together: rank 0 scores them all
+        return finish(out, [], shards, "rerank")
+    pipe = load_pipeline(cfg)
     items = read_images(paths, pipe.prepare_image)
     good = [(row, image) for row, image in items if image is not None]
     rows = [row for row, _ in items]
-    if shards.rank == 0 and good:
+    if good:
         scores = pipe.caption_scores([image for _, image in good], cfg.prompt,
                                      max_inference_batch_size=cfg.max_inference_batch_size)
         for (row, _), score in zip(good, scores):
@@ -397,7 +399,7 @@ def rerank_images(cfg: DictConfig, shards: Shards) -> Path:
             row.setdefault("_order", len(good) + row["id"])  # failed images last
         image_grid([image for _, image in ranked], columns=min(8, len(ranked))).save(
             out / "ranked.png")
-    return finish(out, rows if shards.rank == 0 else [], shards, "rerank")
+    return finish(out, rows, shards, "rerank")
 
 
 def sr_inputs(cfg: DictConfig) -> list[tuple[Path, str]]:
@@ -472,24 +474,27 @@ def parse_region(region):
 def complete_image(cfg: DictConfig, shards: Shards) -> Path:
     """task=complete: an image, a region and a prompt -> num_samples completions, a picture
     (original | region | completions) and results.jsonl (id, prompt, sample, seed, path)."""
+    from cogview.generation.completion import region_mask
     from cogview.visualize import image_grid
 
     if not str(cfg.get("prompt") or "").strip():
         raise ValueError("task=complete needs a prompt: \"prompt='左上角有一个大的红色圆形'\"")
     if not cfg.get("image"):
         raise ValueError("task=complete needs image=<path> (the picture to complete)")
-    pipe = load_pipeline(cfg)
     out = prepare_output(cfg, shards)
-    original = pipe.prepare_image(cfg.image)
     if shards.rank != 0:  # one image: rank 0 does it
         return finish(out, [], shards, "complete")
-    samples = pipe.complete(original, cfg.prompt, region=parse_region(cfg.region),
+    pipe = load_pipeline(cfg)
+    original = pipe.prepare_image(cfg.image)
+    region = parse_region(cfg.region)
+    samples = pipe.complete(original, cfg.prompt, region=region,
                             num_images=cfg.num_samples, seed=cfg.seed,
                             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                             max_inference_batch_size=cfg.max_inference_batch_size)
     rows = []
     masked = original.copy()
-    mask = pipe.last_completion_mask.repeat_interleave(8, 0).repeat_interleave(8, 1)
+    mask = region_mask(region, original.height, original.width)  # the codes complete() redrew
+    mask = mask.repeat_interleave(8, 0).repeat_interleave(8, 1)
     shade = Image.new("RGB", masked.size, (128, 128, 128))
     masked.paste(shade, mask=Image.fromarray(mask.numpy().astype("uint8") * 255))
     image_grid([original, masked, *samples], columns=len(samples) + 2).save(out / "grid.png")

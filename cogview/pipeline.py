@@ -174,7 +174,6 @@ class Pipeline:
             raise ValueError(f"precision={precision!r} must be one of {sorted(PRECISIONS)}")
         self.precision = precision
         self.batch_sizer: BatchSizer | None = None  # the last run's batch size (after backoff)
-        self.last_completion_mask: torch.Tensor | None = None  # [h, w] codes redrawn by complete()
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -337,7 +336,8 @@ class Pipeline:
         the codes inside it ("bottom", "top", "left", "right" half, or a pixel box
         [left, top, right, bottom] of the image at the export's size) -> ``num_images`` images.
         The known codes come back unchanged (a code is redrawn when its 8x8 cell overlaps the
-        region); sample i uses seed ``seed + i``."""
+        region: ``cogview.generation.completion.region_mask(region, height, width)`` gives
+        those cells); sample i uses seed ``seed + i``."""
         from cogview.generation.completion import known_codes, region_mask
         from cogview.generation.sampling import generate_images
 
@@ -349,7 +349,6 @@ class Pipeline:
         mask = region_mask(region, picture.height, picture.width)
         known = known_codes(codes, mask).flatten(1)  # (1, h*w), -1 = redraw
         tracker = TokenProgress(callback, num_images * int(mask.sum()))
-        self.last_completion_mask = mask
 
         def draw(samples: list[int]) -> list[Image.Image]:
             new = generate_images(

@@ -195,7 +195,9 @@ def test_pipeline_completion_and_rerank(pipes):
     source = noise_image(64)
     filled = t2i.complete(source, "红色", region="right", num_images=3, seed=0, progress=False)
     assert len(filled) == 3 and all(image.size == (64, 64) for image in filled)
-    assert int(t2i.last_completion_mask.sum()) == 32  # right half of 8x8 codes
+    from cogview.generation.completion import region_mask
+
+    assert int(region_mask("right", 64, 64).sum()) == 32  # right half of 8x8 codes redrawn
     with pytest.raises(ValueError, match="empty"):
         t2i.complete(source, " ", progress=False)
 
