@@ -78,6 +78,9 @@ def load_matching(model: torch.nn.Module, state: dict[str, torch.Tensor], source
     model.load_state_dict(state)
 
 
+IMAGE_TOKENIZER_ATTR = "_image_tokenizer"
+
+
 class SequenceTask(CogViewTask):
     """Next-token training of the backbone on one task's layout.
 
@@ -174,6 +177,9 @@ class SequenceTask(CogViewTask):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.image_tokens = checkpoint.get("cogview_image_tokens")
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith(f"{IMAGE_TOKENIZER_ATTR}.")]:
+            del state[key]  # checkpoints written before the VQ-VAE was kept out of the tree
 
     def maybe_drop_captions(self, batch: dict) -> dict:
         """t2i only: see ``T2ITask``."""
@@ -194,7 +200,10 @@ class SequenceTask(CogViewTask):
         if self._image_tokenizer is None:
             from cogview.modules.vqvae import VQVAE
 
-            self._image_tokenizer = VQVAE.from_pretrained(self.hparams.vqvae_dir).eval()
+            # Not a submodule: the frozen VQ-VAE stays out of state_dict, checkpoints and the
+            # optimiser (nn.Module.__setattr__ would register it).
+            object.__setattr__(self, IMAGE_TOKENIZER_ATTR,
+                               VQVAE.from_pretrained(self.hparams.vqvae_dir).eval())
         return self._image_tokenizer
 
     def save_picture(self, picture, name: str) -> None:
