@@ -2,7 +2,7 @@
 
     python benchmarks/quality_budget.py \
         --t2i 3000=artifacts/demo-3000/t2i 4000=outputs/t2i_more/export-4000 ... \
-        --caption-run outputs/caption_long --sr-run outputs/sr_long \
+        --caption-run outputs/caption_long outputs/caption_more@2400 --sr-run outputs/sr_long \
         --step-seconds-from outputs/demo/runs
 
 - t2i: each export (``<total steps>=<export dir>``) is scored like the benchmark's 1-sample
@@ -64,8 +64,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--t2i", nargs="*", default=[], metavar="STEPS=EXPORT",
                         help="t2i exports and the total training steps behind each")
-    parser.add_argument("--caption-run", help="a caption run folder with oracle_curve.json")
-    parser.add_argument("--sr-run", help="an sr run folder with oracle_curve.json")
+    parser.add_argument("--caption-run", nargs="*", default=[], metavar="RUN[@STEPS]",
+                        help="caption run folders with oracle_curve.json; @STEPS: a run that "
+                             "continued another adds that many steps to its own")
+    parser.add_argument("--sr-run", nargs="*", default=[], metavar="RUN[@STEPS]",
+                        help="sr run folders, as --caption-run")
     parser.add_argument("--step-seconds-from", default=str(ROOT / "outputs" / "demo" / "runs"))
     parser.add_argument("--prompts", type=int, default=64, help="t2i prompts per split")
     parser.add_argument("--top-k", type=int, default=50)
@@ -84,13 +87,16 @@ def main() -> None:
         t2i.append(t2i_point(Path(export), int(steps), args.prompts, args.top_k, args.temperature))
     if t2i:
         curves["t2i"] = sorted(t2i, key=lambda p: p["step"])
-    for task, run in (("caption", args.caption_run), ("sr", args.sr_run)):
-        if run:
+    for task, runs in (("caption", args.caption_run), ("sr", args.sr_run)):
+        for item in runs:
+            run, _, offset = item.partition("@")
             curve_file = Path(run) / "oracle_curve.json"
-            if not curve_file.is_file():
-                raise SystemExit(f"--{task}-run {run}: no oracle_curve.json (train with "
-                                 "callbacks=shapes)")
-            curves[task] = json.loads(curve_file.read_text())
+            if not curve_file.is_file() or (offset and not offset.isdigit()):
+                raise SystemExit(f"--{task}-run {item}: want RUN[@STEPS] with RUN/oracle_curve.json "
+                                 "(train with callbacks=shapes)")
+            for point in json.loads(curve_file.read_text()):
+                point["step"] += int(offset or 0)
+                curves.setdefault(task, []).append(point)
     if not curves:
         raise SystemExit("nothing to measure: give --t2i, --caption-run or --sr-run")
     for task, points in curves.items():
