@@ -30,9 +30,8 @@ from benchmarks.common import RESULTS_DIR, machine_info, write_json  # noqa: E40
 from cogview.data.shapes import eval_prompts  # noqa: E402
 from cogview.eval.oracle import evaluate  # noqa: E402
 from cogview.eval.plots import plot_quality_curves  # noqa: E402
+from cogview.eval.shapes_bench import SPLITS, T2I_TARGETS  # noqa: E402
 from cogview.pipeline import Pipeline  # noqa: E402
-
-SPLITS = ("seen", "heldout", "two")
 
 
 def step_seconds(runs_dir: Path, task: str) -> float:
@@ -50,9 +49,9 @@ def t2i_point(export: Path, steps: int, prompts: int, top_k: int, temperature: f
     point = {"step": steps}
     for split in SPLITS:
         items = eval_prompts(split, prompts, seed=0)
-        images = pipe([p["caption"] for p in items], seed=0, top_k=top_k,
-                      temperature=temperature, max_inference_batch_size=64, progress=False)
-        images = [group[0] if isinstance(group, list) else group for group in images]
+        images = [group[0] for group in pipe(  # one image per prompt
+            [p["caption"] for p in items], seed=0, top_k=top_k, temperature=temperature,
+            max_inference_batch_size=64, progress=False)]
         point[f"{split}_full_match"] = round(float(evaluate(images, [p["scene"] for p in items])
                                                    ["full_match"]), 4)
     print(f"t2i {steps} steps ({export}): " + ", ".join(
@@ -104,8 +103,7 @@ def main() -> None:
         for point in points:
             point["measured_train_seconds"] = point.get("train_seconds")
             point["train_seconds"] = round(point["step"] * per_step[task], 1)
-    picture = plot_quality_curves(curves, args.picture,
-                                  {"t2i": {"seen": 0.8, "heldout": 0.4, "two": 0.4}})
+    picture = plot_quality_curves(curves, args.picture, {"t2i": T2I_TARGETS})
     write_json({"machine": machine_info(), "seconds_per_step": per_step,
                 "t2i_sampling": {"top_k": args.top_k, "temperature": args.temperature,
                                  "prompts_per_split": args.prompts},

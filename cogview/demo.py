@@ -114,9 +114,6 @@ def evaluate(demo: DictConfig, exports: dict[str, Path], report_dir: Path) -> di
                caption_images=ev.caption_images, sr_images=ev.sr_images)
 
 
-T2I_TARGETS = {"seen": 0.8, "heldout": 0.4, "two": 0.4}  # full match, 1 sample (the benchmark's)
-
-
 def read_curves(runs_dir: Path) -> dict[str, list[dict]]:
     """{task: ShapesOracleEval points} for the demo's runs that wrote oracle_curve.json."""
     files = {task: runs_dir / task / "oracle_curve.json" for task in ("t2i", "caption", "sr")}
@@ -127,6 +124,7 @@ def plots(runs_dir: Path, report_dir: Path, curves: dict[str, list[dict]]) -> di
     """Loss curves of the runs and quality against training time (the accuracy bars come
     with the benchmark)."""
     from cogview.eval.plots import plot_loss_curves, plot_quality_curves
+    from cogview.eval.shapes_bench import T2I_TARGETS
 
     pictures = {}
     logs = {task: runs_dir / task / "logs" / "metrics.csv" for task in ("vqvae", "t2i", "caption", "sr")}
