@@ -86,6 +86,7 @@ def train_sequence_task(demo: DictConfig, task: str, vqvae: Path, shards: Path, 
     overrides = [
         f"task={task}", "logger=csv", f"output_dir={demo.runs_dir}/{task}", f"export_dir={out}",
         f"vqvae_dir={vqvae}", f"data.train_shards={shards}", "data.resampled=true",
+        f"data.fixed_image_positions={str(demo.fixed_image_positions).lower()}",
         f"data.batch_size={budget.batch_size}", f"trainer.max_steps={budget.steps}",
         f"trainer.val_check_interval={budget.val_every}", "trainer.limit_val_batches=4",
         f"task.sample_every_n_steps={budget.val_every}", f"task.lr={budget.lr}",

@@ -529,7 +529,8 @@ def evaluate_exports(cfg: DictConfig, shards: Shards) -> Path:
                   temperature=cfg.temperature, batch_size=cfg.max_inference_batch_size,
                   rerank_temperature=cfg.get("rerank_temperature"),
                   fid_features=cfg.fid_features, is_classifier=cfg.is_classifier,
-                  caption_images=cfg.caption_images, sr_images=cfg.sr_images)
+                  caption_images=cfg.caption_images, sr_images=cfg.sr_images,
+                  sr_top_k=cfg.sr_top_k)
     runs = [Path(run) for run in (cfg.get("runs") or [])]
     if runs:
         from cogview.eval.plots import plot_loss_curves

@@ -169,6 +169,7 @@ class Pipeline:
         self.info = info
         self.task = info.get("task", "t2i")
         self.max_text_len = info.get("max_text_len")
+        self.text_slots = info.get("text_slots")  # None: sequential positions (CogView's)
         self.device = torch.device(device)
         if precision not in PRECISIONS:
             raise ValueError(f"precision={precision!r} must be one of {sorted(PRECISIONS)}")
@@ -289,7 +290,7 @@ class Pipeline:
             codes = generate_images(
                 self.model, self.vocab, [r.text_ids for r in chunk], image_tokens,
                 [r.seed for r in chunk], temperature=temperature, top_k=top_k, top_p=top_p,
-                cfg_scale=cfg_scale, max_text_len=self.max_text_len,
+                cfg_scale=cfg_scale, max_text_len=self.max_text_len, text_slots=self.text_slots,
                 callback=tracker.chunk(len(chunk)))  # (b, h*w)
             return self.decode_codes(codes.view(-1, side, side))
 
@@ -354,7 +355,8 @@ class Pipeline:
             new = generate_images(
                 self.model, self.vocab, [text_ids] * len(samples), h * w,
                 [seed + i for i in samples], temperature=temperature, top_k=top_k, top_p=top_p,
-                max_text_len=self.max_text_len, known_codes=known.expand(len(samples), -1),
+                max_text_len=self.max_text_len, text_slots=self.text_slots,
+                known_codes=known.expand(len(samples), -1),
                 callback=tracker.chunk(len(samples), int(mask.sum()), h * w))
             return self.decode_codes(new.view(-1, h, w))
 
@@ -409,7 +411,8 @@ class Pipeline:
             highres = sliding_window_sr(
                 self.model, self.vocab, [texts[i] for i in chunk], lowres[chunk], self.sr_window,
                 [seed + i for i in chunk], temperature=temperature, top_k=top_k, top_p=top_p,
-                max_text_len=self.max_text_len, callback=tracker.chunk(len(chunk), per_image))
+                max_text_len=self.max_text_len, text_slots=self.text_slots,
+                callback=tracker.chunk(len(chunk), per_image))
             return self.decode_codes(highres)
 
         self.batch_sizer = BatchSizer(max_inference_batch_size)
@@ -433,7 +436,8 @@ class Pipeline:
             codes = self.encode_images([pictures[i] for i in chunk]).flatten(1)  # (b, h*w)
             values = caption_log_likelihood(self.model, self.vocab, list(codes),
                                             [texts[i] for i in chunk],
-                                            max_text_len=self.max_text_len)
+                                            max_text_len=self.max_text_len,
+                                            text_slots=self.text_slots)
             return [float(v) for v in values]
 
         self.batch_sizer = BatchSizer(max_inference_batch_size)
@@ -480,7 +484,7 @@ class Pipeline:
             text_ids = generate_captions(
                 self.model, self.vocab, codes, max_len,
                 [seed + index for index, _ in chunk], greedy=greedy, stop_id=self.caption_stop_id,
-                temperature=temperature, top_k=top_k)
+                temperature=temperature, top_k=top_k, text_slots=self.text_slots)
             return [self.text_tokenizer.decode(ids) for ids in text_ids]
 
         self.batch_sizer = BatchSizer(max_inference_batch_size)

@@ -137,11 +137,14 @@ def decoded_samples(shards, n):
 
 
 @pytest.mark.parametrize("task", ["t2i", "caption", "sr"])
-@pytest.mark.parametrize("pad_to, max_text_len", [(None, None), (None, 6), (200, 64)])
-def test_batches_equal_collate_layouts_of_the_task_layouts(shards, task, pad_to, max_text_len):
+@pytest.mark.parametrize("pad_to, max_text_len, text_slots",
+                         [(None, None, None), (None, 6, None), (200, 64, None), (None, 64, 64)])
+def test_batches_equal_collate_layouts_of_the_task_layouts(shards, task, pad_to, max_text_len,
+                                                           text_slots):
     vocab = module(shards).vocab
     batcher = LayoutBatcher(vocab, task, max_text_len=max_text_len, pad_to=pad_to,
-                            caption_end_token="[SEP]" if task == "caption" else None)
+                            caption_end_token="[SEP]" if task == "caption" else None,
+                            text_slots=text_slots)
     samples = decoded_samples(shards, 7)
     batch = batcher.collate(samples)
     layouts = [batcher.layout(s.text_ids, s.image_codes, s.lowres_codes) for s in samples]
@@ -154,6 +157,10 @@ def test_batches_equal_collate_layouts_of_the_task_layouts(shards, task, pad_to,
         assert len(lengths) == 1 and batch["text_truncated"].min() > 0
     else:  # captions differ in length, so padding was exercised
         assert len(lengths) > 1 and batch["text_truncated"].sum() == 0
+    if text_slots is not None:  # image codes at the same positions in every row
+        image = (batch["input_ids"] < vocab.num_image_codes) & batch["attention_mask"]
+        per_row = {tuple(pos[img].tolist()) for pos, img in zip(batch["position_ids"], image)}
+        assert len(per_row) == 1
 
 
 def test_loader_batches_carry_task_layouts_with_loss_masks(shards):

@@ -75,6 +75,19 @@ def naive_greedy(model, prompt_ids: torch.Tensor, kind: str, num_tokens: int,
     return torch.tensor(out)
 
 
+def naive_greedy_at(model, prompt, num_tokens: int) -> torch.Tensor:
+    """Reference for prompts with their own position ids: recompute, next position = last + 1."""
+    allowed = VOCAB.id_mask(prompt.next_kind)
+    seq, pos, out = prompt.input_ids.clone(), prompt.position_ids.clone(), []
+    with torch.no_grad():
+        for _ in range(num_tokens):
+            logits = model(seq[None], pos[None])[0, -1]  # (V,)
+            token = logits.masked_fill(~allowed, float("-inf")).argmax()
+            out.append(int(token))
+            seq, pos = torch.cat([seq, token[None]]), torch.cat([pos, pos[-1:] + 1])
+    return torch.tensor(out)
+
+
 def t2i_prompts(*texts):
     return [t2i_prompt(VOCAB, text) for text in texts]
 
@@ -173,6 +186,26 @@ def test_kv_cached_greedy_equals_full_recomputation(attention):
         assert torch.equal(cached[row], expected)
 
 
+def test_text_slots_prompts_continue_from_their_own_positions(model):
+    """With reserved text slots the sampled tokens sit where training put them: at the
+    prompt's last position + 1 onwards, not at the prompt's length."""
+    texts = [[3], [1, 2, 3, 4, 5]]
+    prompts = [t2i_prompt(VOCAB, text, text_slots=8) for text in texts]
+    batched = generate_images(model, VOCAB, texts, IMAGE_TOKENS, greedy=True, text_slots=8)
+    for row, prompt in enumerate(prompts):
+        expected = naive_greedy_at(model, prompt, IMAGE_TOKENS)  # image ids are the codes
+        assert torch.equal(batched[row], expected)
+    sequential = generate_images(model, VOCAB, texts[:1], IMAGE_TOKENS, greedy=True)
+    assert not torch.equal(sequential[0], batched[0])  # the positions do reach the model
+    captions = generate_captions(model, VOCAB, [torch.arange(16)], 5, greedy=True, text_slots=8)
+    prompt = caption_prompt(VOCAB, torch.arange(16), text_slots=8)
+    assert captions[0] == (naive_greedy_at(model, prompt, 5) - K).tolist()
+    lowres = torch.arange(4)
+    sr = generate_sr(model, VOCAB, [[2]], [lowres], 16, greedy=True, text_slots=8)
+    expected = naive_greedy_at(model, sr_prompt(VOCAB, [2], lowres, text_slots=8), 16)
+    assert torch.equal(sr[0], expected)
+
+
 def test_left_padded_batch_gives_each_prompt_its_own_tokens(model):
     texts = [[7], [1, 2, 3, 4], [5, 6, 7, 8, 9, 10, 11, 12, 13]]  # prompt lengths 4, 7, 12
     batched = generate_images(model, VOCAB, texts, IMAGE_TOKENS, greedy=True)
@@ -218,16 +251,20 @@ def test_top_k_one_equals_greedy(model):
 # classifier-free guidance
 
 
-def test_unconditional_prompt_is_the_prompt_with_an_empty_caption():
+@pytest.mark.parametrize("slots", [None, 6])
+def test_unconditional_prompt_is_the_prompt_with_an_empty_caption(slots):
     lowres = torch.arange(4)
     for prompt, empty in [
-        (t2i_prompt(VOCAB, [1, 2, 3]), t2i_prompt(VOCAB, [], allow_empty_text=True)),
-        (sr_prompt(VOCAB, [4, 5], lowres, window=3),
-         sr_prompt(VOCAB, [], lowres, window=3, allow_empty_text=True)),
+        (t2i_prompt(VOCAB, [1, 2, 3], text_slots=slots),
+         t2i_prompt(VOCAB, [], allow_empty_text=True, text_slots=slots)),
+        (sr_prompt(VOCAB, [4, 5], lowres, window=3, text_slots=slots),
+         sr_prompt(VOCAB, [], lowres, window=3, allow_empty_text=True, text_slots=slots)),
     ]:
         uncond = unconditional_prompt(prompt)
         assert torch.equal(uncond.input_ids, empty.input_ids)
+        assert torch.equal(uncond.position_ids, empty.position_ids)
         assert uncond.spans == empty.spans and uncond.next_kind == empty.next_kind
+        assert uncond.text_slots == slots
     with pytest.raises(ValueError, match="nothing to drop"):
         unconditional_prompt(caption_prompt(VOCAB, lowres))
 

@@ -1,5 +1,6 @@
 """t2i, caption and sr tasks composed by Hydra: fast_dev_run, init_from, caption dropout, export."""
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -79,24 +80,63 @@ def train_task_only(cfg):
     return build_task(cfg)
 
 
-def test_dropped_caption_equals_the_empty_caption_layout(assets, tmp_path):
+@pytest.mark.parametrize("fixed", [False, True])
+def test_dropped_caption_equals_the_empty_caption_layout(assets, tmp_path, fixed):
     """Caption dropout in batch form gives exactly the empty-text sequence's image logits."""
     cfg = compose_train(["task=t2i", f"vqvae_dir={assets['vqvae']}", "data.train_shards=x",
-                         f"output_dir={tmp_path}", *TINY_MODEL])
+                         f"output_dir={tmp_path}", f"data.fixed_image_positions={fixed}",
+                         *TINY_MODEL])
     from cogview.training import build_task
 
     task: SequenceTask = build_task(cfg).eval()
+    slots = task.text_slots
+    assert slots == (cfg.data.max_text_len if fixed else None)
+    assert task.export_info()["text_slots"] == slots
     vocab, text = task.vocab, task.text_tokenizer.encode("左上角有一个大的红色圆形")
     codes = torch.arange(16) % vocab.num_image_codes
-    full = collate_layouts([t2i_layout(vocab, text, codes)], vocab.pad_id)
-    empty = collate_layouts([t2i_layout(vocab, [], codes, allow_empty_text=True)], vocab.pad_id)
-    dropped = drop_text(full, torch.tensor([True]))
+    full = collate_layouts([t2i_layout(vocab, text, codes, text_slots=slots)], vocab.pad_id)
+    empty = collate_layouts([t2i_layout(vocab, [], codes, allow_empty_text=True,
+                                        text_slots=slots)], vocab.pad_id)
+    task.hparams.caption_dropout = 1.0  # the task's own dropout path: every row dropped
+    dropped = task.train().maybe_drop_captions(full)
+    task.eval()
+    assert torch.equal(dropped["position_ids"], drop_text(full, torch.tensor([True]),
+                                                          keep_positions=fixed)["position_ids"])
     image_logits = {}
     for name, batch in (("dropped", dropped), ("empty", empty)):
         logits = task.model(batch["input_ids"], batch["position_ids"], batch["attention_mask"])
         image_logits[name] = logits[0, batch["attention_mask"][0]][-18:]
     torch.testing.assert_close(image_logits["dropped"], image_logits["empty"], atol=1e-5, rtol=0)
     assert dropped["loss_mask"][0].sum() == empty["loss_mask"][0].sum() - 1  # [BASE] after text
+    # the in-memory Pipeline (and so an export) samples with the task's positions
+    from cogview.generation import generate_images
+
+    pipe = task.pipeline("32-true")
+    assert pipe.text_slots == slots
+    image = pipe("左上角有一个大的红色圆形", num_images=1, top_k=1, image_tokens=16,
+                 progress=False)[0]
+    codes = generate_images(task.model, vocab, [text], 16, greedy=True, text_slots=slots)
+    assert np.array_equal(np.asarray(image), np.asarray(pipe.decode_codes(codes.view(1, 4, 4))[0]))
+
+
+def test_data_and_task_must_agree_on_fixed_image_positions(assets, tmp_path):
+    from types import SimpleNamespace
+
+    from cogview.training import build_task
+
+    cfg = compose_train(["task=t2i", f"vqvae_dir={assets['vqvae']}", "data.train_shards=x",
+                         f"output_dir={tmp_path}", "task.fixed_image_positions=true",
+                         *TINY_MODEL])
+    task = build_task(cfg)
+    data = SimpleNamespace(vocab=task.vocab, layout="t2i", text_slots=None)
+    task._trainer = SimpleNamespace(datamodule=data)
+    with pytest.raises(ValueError, match="same fixed_image_positions and max_text_len"):
+        task.setup("fit")
+    with pytest.raises(ValueError, match="task.max_text_len is null"):
+        build_task(compose_train(["task=t2i", f"vqvae_dir={assets['vqvae']}",
+                                  "data.train_shards=x", f"output_dir={tmp_path}",
+                                  "task.fixed_image_positions=true", "task.max_text_len=null",
+                                  *TINY_MODEL]))
 
 
 def test_text_loss_scale_weights_text_targets(assets, tmp_path):

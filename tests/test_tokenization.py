@@ -27,6 +27,7 @@ from cogview.tokenization import (
     sr_prompt,
     t2i_layout,
     t2i_prompt,
+    text_slots_for,
 )
 from cogview.tokenization.train_sentencepiece import main as train_sentencepiece_main
 from cogview.tokenization.train_sentencepiece import train_sentencepiece
@@ -333,6 +334,56 @@ def test_prompts_are_prefixes(vocab):
         assert prompt.next_kind == kind == next_span_kind(vocab, prompt.input_ids[-1])
         assert not prompt.loss_mask.any()
         assert prompt.spans == [s for s in layout.spans if s[1] <= n]
+
+
+def test_text_slots_give_image_tokens_the_same_positions_whatever_the_caption(vocab):
+    image, lowres, highres = [5, 6, 7, 8], [1, 2, 3, 4], list(range(16))
+    builders = {
+        "t2i": lambda t: t2i_layout(vocab, t, image, text_slots=6),
+        "sr": lambda t: sr_layout(vocab, t, lowres, highres, window=1, text_slots=6),
+        "t2i prompt": lambda t: t2i_prompt(vocab, t, text_slots=6),
+        "sr prompt": lambda t: sr_prompt(vocab, t, lowres, window=1, text_slots=6),
+    }
+    for name, build in builders.items():
+        short, long = build([1]), build([1, 2, 3, 4, 5, 6])
+        for layout in (short, long):
+            n = sum(e - s for s, e, k in layout.spans if k == "text")
+            assert layout.position_ids[:n + 1].tolist() == list(range(n + 1)), name
+            assert layout.position_ids[n + 1:].tolist() == list(range(7, 7 + len(layout) - n - 1))
+            assert layout.text_slots == 6
+        # the same ids after the text sit at the same positions
+        assert torch.equal(short.position_ids[2:], long.position_ids[7:]), name
+        assert torch.equal(short.input_ids[2:], long.input_ids[7:]), name
+    # a full 6-token caption is the sequential layout; prompts stay prefixes of layouts
+    full = t2i_layout(vocab, [1, 2, 3, 4, 5, 6], image, text_slots=6)
+    assert torch.equal(full.position_ids, torch.arange(len(full)))
+    prompt, layout = t2i_prompt(vocab, [1, 2], text_slots=6), t2i_layout(vocab, [1, 2], image,
+                                                                         text_slots=6)
+    assert torch.equal(prompt.position_ids, layout.position_ids[:len(prompt)])
+
+
+def test_caption_with_text_slots_gives_each_token_its_t2i_position(vocab):
+    text, image = [1, 2, 3], [5, 6, 7, 8]
+    t2i = t2i_layout(vocab, text, image, text_slots=6)
+    caption = caption_layout(vocab, text, image, text_slots=6, end_token="[SEP]")
+    where = {int(i): int(p) for i, p in zip(t2i.input_ids, t2i.position_ids)}
+    for token, position in zip(caption.input_ids.tolist()[:-1], caption.position_ids.tolist()):
+        assert where[token] == position, vocab.token_str(token)
+    assert caption.position_ids.tolist() == [7, 8, 9, 10, 11, 12, 13, 0, 1, 2, 3, 4]
+    prompt = caption_prompt(vocab, image, text_slots=6)
+    assert torch.equal(prompt.position_ids, caption.position_ids[:len(prompt)])
+    assert caption_layout(vocab, [1] * 9, image, text_slots=6).text_truncated == 3
+
+
+def test_text_slots_cut_longer_captions_and_refuse_bad_values(vocab):
+    layout = t2i_layout(vocab, [1, 2, 3, 4, 5], [5, 6], text_slots=3)
+    assert layout.text_truncated == 2 and layout.position_ids.tolist() == list(range(9))
+    assert t2i_layout(vocab, [1, 2, 3, 4, 5], [5], max_text_len=2, text_slots=3).text_truncated == 3
+    with pytest.raises(ValueError, match="text_slots must be an int >= 1"):
+        t2i_layout(vocab, [1], [5], text_slots=0)
+    assert text_slots_for(False, 64) is None and text_slots_for(True, 64) == 64
+    with pytest.raises(ValueError, match="data.max_text_len is null"):
+        text_slots_for(True, None, "data")
 
 
 def test_truncation_counted(vocab):

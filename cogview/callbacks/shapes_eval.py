@@ -108,7 +108,8 @@ class ShapesOracleEval(Callback):
                         model, vocab, [tokenizer.encode(p["caption"]) for p in prompts],
                         side * side, [self.seed + i for i in range(len(prompts))],
                         top_k=self.top_k, temperature=self.temperature,
-                        max_text_len=pl_module.hparams.max_text_len)
+                        max_text_len=pl_module.hparams.max_text_len,
+                        text_slots=pl_module.text_slots)
                     images = vqvae.decode(codes.view(-1, side, side).to(vqvae_device(vqvae)))
                     result = evaluate(images.float().cpu(), [p["scene"] for p in prompts])
                     scores[f"{split}_full_match"] = round(float(result["full_match"]), 4)

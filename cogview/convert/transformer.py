@@ -304,6 +304,7 @@ def convert_transformer(src: str | Path, out: str | Path, vqvae: str | Path | No
     (out / "config.json").write_text(json.dumps(model_config, indent=2, ensure_ascii=False))
     text_tokenizer.save(out / "text_tokenizer")
     info = {"task": task, "vocab": vocab.to_dict(), "max_text_len": max_text_len,
+            "text_slots": None,  # CogView's sequential positions
             "image_tokens": image_tokens, "caption_end_token": caption_end_token,
             "text_tokenizer": "text_tokenizer", "image_tokenizer": "vqvae",
             "converted_from": {"checkpoint": str(Path(path).resolve()), "dtype": dtypes,

@@ -55,6 +55,7 @@ from cogview.tokenization import (
     caption_layout,
     sr_layout,
     t2i_layout,
+    text_slots_for,
 )
 
 log = logging.getLogger(__name__)
@@ -204,6 +205,7 @@ def decode_sample(members: Mapping[str, bytes], key: str, need_lowres: bool) -> 
 @dataclass
 class _Template:
     input_ids: np.ndarray  # (T,) int64, text/image positions hold placeholders
+    position_ids: np.ndarray  # (T,) int64
     loss_mask: np.ndarray  # (T,) bool
     text_mask: np.ndarray  # (T,) bool
     text_slices: list[slice]
@@ -229,7 +231,7 @@ class LayoutBatcher:
 
     def __init__(self, vocab: CogViewVocab, task: str = "t2i", *, max_text_len: int | None = None,
                  pad_to: int | None = None, caption_end_token: str | None = None,
-                 sr_window: int = 0) -> None:
+                 sr_window: int = 0, text_slots: int | None = None) -> None:
         if task not in LAYOUT_TASKS:
             raise ValueError(f"data.layout={task!r} is not a task layout; choose one of "
                              f"{list(LAYOUT_TASKS)}")
@@ -238,16 +240,18 @@ class LayoutBatcher:
         self.vocab, self.task = vocab, task
         self.max_text_len, self.pad_to = max_text_len, pad_to
         self.caption_end_token, self.sr_window = caption_end_token, sr_window
+        self.text_slots = text_slots
         self._templates: dict[tuple[int, ...], _Template] = {}
 
     def layout(self, text_ids, image_codes, lowres_codes=None):
         """The real Layout of one sample (reference path; batches use the cached structure)."""
         kw = {"max_text_len": self.max_text_len}
-        if self.task == "t2i":
-            return t2i_layout(self.vocab, text_ids, image_codes, **kw)
+        kw["text_slots"] = self.text_slots
         if self.task == "caption":
             return caption_layout(self.vocab, text_ids, image_codes,
                                   end_token=self.caption_end_token, **kw)
+        if self.task == "t2i":
+            return t2i_layout(self.vocab, text_ids, image_codes, **kw)
         return sr_layout(self.vocab, text_ids, lowres_codes, image_codes, window=self.sr_window,
                          **kw)
 
@@ -261,7 +265,8 @@ class LayoutBatcher:
             spans = [slice(start, end) for start, end, _ in layout.spans]
             kinds = [kind for _, _, kind in layout.spans]
             template = _Template(
-                layout.input_ids.numpy().copy(), layout.loss_mask.numpy().copy(),
+                layout.input_ids.numpy().copy(), layout.position_ids.numpy().copy(),
+                layout.loss_mask.numpy().copy(),
                 layout.text_mask.numpy().copy(),
                 [s for s, k in zip(spans, kinds) if k == "text"],
                 [s for s, k in zip(spans, kinds) if k == "image"])
@@ -279,9 +284,12 @@ class LayoutBatcher:
         vocab = self.vocab
         text = sample.text_ids.reshape(-1).astype(np.int64)
         truncated = 0
-        if self.max_text_len is not None and text.size > self.max_text_len:
-            truncated = text.size - self.max_text_len
-            text = text[: self.max_text_len]
+        limit = self.max_text_len
+        if self.text_slots is not None:
+            limit = self.text_slots if limit is None else min(limit, self.text_slots)
+        if limit is not None and text.size > limit:
+            truncated = text.size - limit
+            text = text[:limit]
         images = [sample.image_codes.reshape(-1)]
         if self.task == "sr":
             if sample.lowres_codes is None:
@@ -325,11 +333,10 @@ class LayoutBatcher:
         loss_mask = np.zeros((B, length), dtype=bool)
         text_mask = np.zeros((B, length), dtype=bool)
         attention_mask = np.zeros((B, length), dtype=bool)
-        positions = np.arange(length)
         for b, row in enumerate(rows):
             n = len(row.ids)
             input_ids[b, :n] = row.ids
-            position_ids[b, :n] = positions[:n]
+            position_ids[b, :n] = row.template.position_ids
             loss_mask[b, :n] = row.template.loss_mask
             text_mask[b, :n] = row.template.text_mask
             attention_mask[b, :n] = True
@@ -514,6 +521,7 @@ class TokenDataModule(L.LightningDataModule):
         num_workers: int = 1,
         pad_to: int | None = None,
         max_text_len: int | None = 64,
+        fixed_image_positions: bool = False,
         caption_end_token: str | None = None,
         sr_window: int = 0,
         shuffle_shards: bool = True,
@@ -549,6 +557,7 @@ class TokenDataModule(L.LightningDataModule):
         self.num_val_shards, self.manifest = num_val_shards, manifest
         self.layout, self.batch_size, self.num_workers = layout, batch_size, num_workers
         self.pad_to, self.max_text_len = pad_to, max_text_len
+        self.text_slots = text_slots_for(fixed_image_positions, max_text_len, "data")
         self.caption_end_token, self.sr_window = caption_end_token, sr_window
         self.shuffle_shards, self.shuffle_buffer = shuffle_shards, shuffle_buffer
         self.resampled, self.split_by, self.drop_last, self.seed = (resampled, split_by,
@@ -654,7 +663,7 @@ class TokenDataModule(L.LightningDataModule):
         self.vocab = self._build_vocab(manifest)
         self.batcher = LayoutBatcher(self.vocab, self.layout, max_text_len=self.max_text_len,
                                      pad_to=self.pad_to, caption_end_token=self.caption_end_token,
-                                     sr_window=self.sr_window)
+                                     sr_window=self.sr_window, text_slots=self.text_slots)
         self.train_set, self.val_set = train, val
 
     # -- info ------------------------------------------------------------------------------

@@ -140,10 +140,12 @@ def caption_benchmark(pipe, splits=SPLITS, images_per_split: int = 64, seed: int
 
 def sr_benchmark(pipe, splits=("seen", "two"), images_per_split: int = 16, seed: int = 2,
                  batch_size: int = 16, out_dir: str | Path | None = None,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, top_k: int | None = 1, temperature: float = 1.0) -> dict:
     """2x super-resolution of rendered scenes (input: the render resized to half the target
     side, as the sr shards were made): PSNR/SSIM against the full-size render, beside bicubic
-    upsampling of the decoded low-res input."""
+    upsampling of the decoded low-res input. Greedy by default (``top_k=1``): PSNR rewards
+    the most likely codes (on a 2500-step sr model greedy scored 1.2 dB above top-k 200 at
+    temperature 1)."""
     out_dir = Path(out_dir) if out_dir else None
     target_side = 8 * int(round(pipe.image_tokens ** 0.5))
     results = {}
@@ -152,6 +154,7 @@ def sr_benchmark(pipe, splits=("seen", "two"), images_per_split: int = 16, seed:
         targets = [render_scene(p["scene"], target_side) for p in prompts]
         inputs = [t.resize((target_side // 2,) * 2, Image.Resampling.LANCZOS) for t in targets]
         outputs = pipe.super_resolve(inputs, [p["caption"] for p in prompts], seed=seed,
+                                     top_k=top_k, temperature=temperature,
                                      max_inference_batch_size=batch_size, progress=progress)
         decoded = pipe.decode_codes(pipe.encode_images(inputs))  # what the sr model saw
         result = metrics.sr_metrics(outputs, targets, decoded)
@@ -253,7 +256,7 @@ def run(t2i=None, caption=None, sr=None, out_dir: str | Path = "outputs/eval",
             batch_size=settings.get("batch_size", 64))
     if sr is not None:
         results["sr"] = sr_benchmark(sr, images_per_split=settings.get("sr_images", 16),
-                                     out_dir=out_dir)
+                                     out_dir=out_dir, top_k=settings.get("sr_top_k", 1))
     if "t2i" in results:
         bars = {SPLIT_NAMES[s]: {a: r["one_sample"][a] for a in
                                  ("color", "shape", "position", "size", "full_match")}

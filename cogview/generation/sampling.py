@@ -142,10 +142,12 @@ def unconditional_prompt(prompt: Layout) -> Layout:
              for s, e, k in prompt.spans if k != "text"]
     input_ids = prompt.input_ids[keep]
     length = input_ids.numel()
-    return Layout(task=prompt.task, input_ids=input_ids, position_ids=torch.arange(length),
+    # sequential positions close up over the dropped text; reserved text slots stay reserved
+    positions = torch.arange(length) if prompt.text_slots is None else prompt.position_ids[keep]
+    return Layout(task=prompt.task, input_ids=input_ids, position_ids=positions,
                   loss_mask=torch.zeros(length, dtype=torch.bool),
                   text_mask=torch.zeros(length, dtype=torch.bool), spans=spans,
-                  next_kind=prompt.next_kind)
+                  next_kind=prompt.next_kind, text_slots=prompt.text_slots)
 
 
 def _prompt_batch(prompts, vocab: CogViewVocab, what: str) -> PromptBatch:
@@ -332,18 +334,21 @@ def generate_span(model: nn.Module, prompts, span_kind: str | None, num_tokens: 
     if num_tokens == 0:
         return out
     rows, prompt_len = batch["input_ids"].shape
+    # generated tokens continue each row's positions (left-padded: the last column is real)
+    next_position = batch["position_ids"][:, -1] + 1  # (N,)
     total = prompt_len + num_tokens - 1  # the last sampled token is never fed back
-    if total > model.config.max_positions:
+    needed = int(next_position.max()) + num_tokens - 1
+    if needed > model.config.max_positions:
         raise ValueError(f"a prompt of {prompt_len} tokens + num_tokens={num_tokens} needs "
-                         f"{total} positions but model.max_positions={model.config.max_positions}; "
+                         f"{needed} positions but model.max_positions={model.config.max_positions}; "
                          "shorten the prompt or sample fewer tokens")
 
-    # The whole sequence, prompt then the tokens to come: ids, positions and key mask [N, total+1].
-    lengths = batch["attention_mask"].sum(dim=1)  # (N,) real prompt tokens per row
+    # The whole sequence, prompt then the tokens to come: ids, positions and key mask
+    # [N, prompt_len + num_tokens].
     steps = torch.arange(num_tokens)
     ids = torch.cat([batch["input_ids"], torch.full((rows, num_tokens), vocab.pad_id)], dim=1)
     ids = ids.to(device)
-    positions = torch.cat([batch["position_ids"], lengths[:, None] + steps], dim=1).to(device)
+    positions = torch.cat([batch["position_ids"], next_position[:, None] + steps], dim=1).to(device)
     mask = torch.cat([batch["attention_mask"], torch.ones(rows, num_tokens, dtype=torch.bool)],
                      dim=1).to(device)
 
@@ -404,7 +409,8 @@ def generate_images(model: nn.Module, vocab: CogViewVocab, text_ids_list: Sequen
                     temperature: float = 1.0, top_k: int | None = 200, top_p: float = 1.0,
                     greedy: bool = False, cfg_scale: float = 1.0,
                     max_text_len: int | None = None, known_codes: torch.Tensor | None = None,
-                    callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                    callback: Callable[[int, int], None] | None = None,
+                    text_slots: int | None = None) -> torch.Tensor:
     """t2i: tokenizer-space text ids per sample -> image codes [B, image_tokens] in [0, K).
 
     The prompt is ``[ROI1] text [BASE] [BOI1]``; with cfg_scale != 1 the unconditional prompt
@@ -413,7 +419,8 @@ def generate_images(model: nn.Module, vocab: CogViewVocab, text_ids_list: Sequen
     """
     if isinstance(image_tokens, bool) or not isinstance(image_tokens, int) or image_tokens < 1:
         raise ValueError(f"image_tokens={image_tokens!r} must be a positive int (h * w codes)")
-    prompts = [t2i_prompt(vocab, text, max_text_len=max_text_len) for text in text_ids_list]
+    prompts = [t2i_prompt(vocab, text, max_text_len=max_text_len, text_slots=text_slots)
+               for text in text_ids_list]
     ids = generate_span(model, prompts, "image", image_tokens, vocab, temperature=temperature,
                         top_k=top_k, top_p=top_p, seeds=seeds, greedy=greedy, cfg_scale=cfg_scale,
                         known=_known_ids(vocab, known_codes), callback=callback)
@@ -431,7 +438,8 @@ def _known_ids(vocab: CogViewVocab, known_codes: torch.Tensor | None) -> torch.T
 def generate_captions(model: nn.Module, vocab: CogViewVocab, image_codes_list: Sequence,
                       max_len: int, seeds: Sequence[int] | None = None, *, greedy: bool = True,
                       stop_id: int | str | None = None, temperature: float = 1.0,
-                      top_k: int | None = 200, top_p: float = 1.0) -> list[list[int]]:
+                      top_k: int | None = 200, top_p: float = 1.0,
+                      text_slots: int | None = None) -> list[list[int]]:
     """caption: image codes per sample -> up to ``max_len`` tokenizer-space text ids each.
 
     The prompt is ``[BASE] [BOI1] image [EOI1] [ROI1]``. ``stop_id`` (an id or a command
@@ -440,7 +448,7 @@ def generate_captions(model: nn.Module, vocab: CogViewVocab, image_codes_list: S
     """
     if isinstance(stop_id, str):
         stop_id = vocab.command(stop_id)
-    prompts = [caption_prompt(vocab, codes) for codes in image_codes_list]
+    prompts = [caption_prompt(vocab, codes, text_slots=text_slots) for codes in image_codes_list]
     ids = generate_span(model, prompts, "text", max_len, vocab, temperature=temperature,
                         top_k=top_k, top_p=top_p, seeds=seeds, greedy=greedy,
                         stop_ids=None if stop_id is None else [stop_id])
@@ -461,7 +469,8 @@ def generate_sr(model: nn.Module, vocab: CogViewVocab, text_ids_list: Sequence,
                 top_k: int | None = 200, top_p: float = 1.0, greedy: bool = False,
                 cfg_scale: float = 1.0, max_text_len: int | None = None,
                 known_codes: torch.Tensor | None = None,
-                callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                callback: Callable[[int, int], None] | None = None,
+                text_slots: int | None = None) -> torch.Tensor:
     """sr: caption + low-res codes per sample -> high-res codes LongTensor [B, hr_tokens] in [0, K).
 
     ``windows``: the [POS<w>] window (0..8) of every sample, or one per sample.
@@ -474,7 +483,8 @@ def generate_sr(model: nn.Module, vocab: CogViewVocab, text_ids_list: Sequence,
     if isinstance(windows, int):
         windows = [windows] * len(text_ids_list)
     _check_same_length("text_ids_list", text_ids_list, "windows", windows)
-    prompts = [sr_prompt(vocab, text, lowres, window=window, max_text_len=max_text_len)
+    prompts = [sr_prompt(vocab, text, lowres, window=window, max_text_len=max_text_len,
+                         text_slots=text_slots)
                for text, lowres, window in zip(text_ids_list, lowres_codes_list, windows)]
     ids = generate_span(model, prompts, "image", hr_tokens, vocab, temperature=temperature,
                         top_k=top_k, top_p=top_p, seeds=seeds, greedy=greedy, cfg_scale=cfg_scale,

@@ -21,7 +21,8 @@ from cogview.tokenization.vocab import CogViewVocab
 @torch.inference_mode()
 def caption_log_likelihood(model: nn.Module, vocab: CogViewVocab, image_codes_list: Sequence,
                            text_ids_list: Sequence, *,
-                           max_text_len: int | None = None) -> torch.Tensor:
+                           max_text_len: int | None = None,
+                           text_slots: int | None = None) -> torch.Tensor:
     """Image codes + tokenizer-space text ids per pair -> FloatTensor [B]: mean log P(text | image).
 
     Only the caption's own tokens are scored (not an end token), over the whole vocabulary.
@@ -31,7 +32,7 @@ def caption_log_likelihood(model: nn.Module, vocab: CogViewVocab, image_codes_li
                          "pass one text per image")
     if not len(text_ids_list):
         raise ValueError("nothing to score: pass at least one (image, text) pair")
-    layouts = [caption_layout(vocab, text, codes, max_text_len=max_text_len)
+    layouts = [caption_layout(vocab, text, codes, max_text_len=max_text_len, text_slots=text_slots)
                for codes, text in zip(image_codes_list, text_ids_list)]
     batch = collate_layouts(layouts, vocab.pad_id, padding_side="right")
     device = next(model.parameters()).device

@@ -79,7 +79,8 @@ def sliding_window_sr(model: nn.Module, vocab: CogViewVocab, text_ids_list: Sequ
                       lowres_grids: torch.Tensor, window: int, seeds: Sequence[int] | None = None,
                       *, temperature: float = 1.0, top_k: int | None = 200, top_p: float = 1.0,
                       greedy: bool = False, max_text_len: int | None = None,
-                      callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                      callback: Callable[[int, int], None] | None = None,
+                      text_slots: int | None = None) -> torch.Tensor:
     """Low-res code grids [B, L, L] (+ a caption each) -> high-res code grids [B, 2L, 2L].
 
     ``window`` is the low-res side the sr model was trained on (its export's image_tokens is
@@ -112,6 +113,6 @@ def sliding_window_sr(model: nn.Module, vocab: CogViewVocab, text_ids_list: Sequ
         codes = generate_sr(model, vocab, text_ids_list, list(lowres.reshape(batch, -1)),
                             per_window, window_seeds, temperature=temperature, top_k=top_k,
                             top_p=top_p, greedy=greedy, max_text_len=max_text_len,
-                            known_codes=known, callback=report)  # (B, (2w)^2)
+                            known_codes=known, callback=report, text_slots=text_slots)  # (B, (2w)^2)
         highres[:, t:b, l:r] = codes.cpu().view(batch, hr_window, hr_window)
     return highres

@@ -34,7 +34,7 @@ class CaptionTask(SequenceTask):
         captions = generate_captions(self.model, self.vocab, codes,
                                      max_len=self.hparams.max_text_len,
                                      seeds=list(range(len(codes))), greedy=True,
-                                     stop_id=self.stop_id)
+                                     stop_id=self.stop_id, text_slots=self.text_slots)
         self.model.train(was_training)
         texts = [self.text_tokenizer.decode(ids) for ids in captions]
         side = int(round(codes[0].numel() ** 0.5))

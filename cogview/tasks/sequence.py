@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from cogview.modules.transformer import CogViewTransformer, TransformerConfig
 from cogview.tasks.base import CogViewTask
-from cogview.tokenization import build_text_tokenizer, load_text_tokenizer
+from cogview.tokenization import build_text_tokenizer, load_text_tokenizer, text_slots_for
 from cogview.tokenization.vocab import CogViewVocab
 
 log = logging.getLogger(__name__)
@@ -98,9 +98,12 @@ class SequenceTask(CogViewTask):
                  init_from: str | None = None, sample_every_n_steps: int = 0,
                  sample_dir: str | None = None, max_text_len: int = 64,
                  caption_dropout: float = 0.0, sample_prompts: list[str] | None = None,
-                 sample_seed: int = 0, sample_top_k: int = 200, sample_temperature: float = 1.0) -> None:
+                 sample_seed: int = 0, sample_top_k: int = 200, sample_temperature: float = 1.0,
+                 fixed_image_positions: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
+        # image position ids independent of the caption's length (layouts.py)
+        self.text_slots = text_slots_for(fixed_image_positions, max_text_len)
         self.text_tokenizer = build_tokenizer(tokenizer)
         self.vocab = CogViewVocab.for_tokenizer(self.text_tokenizer, read_num_codes(vqvae_dir))
         settings = {k: v for k, v in dict(model).items() if k != "name"}
@@ -109,9 +112,24 @@ class SequenceTask(CogViewTask):
         if init_from:
             load_matching(self.model, checkpoint_state_dict(init_from), init_from)
             log.info("initialised the %s model from %s", self.layout_name, init_from)
+            self._warn_on_other_positions(Path(init_from))
         self.sample_dir = Path(sample_dir) if sample_dir else None
         self._image_tokenizer = None
         self.image_tokens: int | None = None  # codes per generated image, seen in the data
+
+    def _warn_on_other_positions(self, source: Path) -> None:
+        """A t2i/sr export trained with other image positions still loads, but its position
+        embeddings mean other things here: say so."""
+        info_file = source / EXPORT_CONFIG
+        if not info_file.is_file():
+            return
+        info = json.loads(info_file.read_text())
+        if info.get("text_slots") != self.text_slots:
+            log.warning("init_from=%s was trained with text_slots=%s but this run uses %s: its "
+                        "image position embeddings will be relearned; set "
+                        "data.fixed_image_positions=%s to match it", source,
+                        info.get("text_slots"), self.text_slots,
+                        str(info.get("text_slots") is not None).lower())
 
     # ------------------------------------------------------------------ data
     def setup(self, stage: str) -> None:
@@ -127,6 +145,12 @@ class SequenceTask(CogViewTask):
         layout = getattr(datamodule, "layout", self.layout_name)
         if layout != self.layout_name:
             raise ValueError(f"data.layout={layout!r} but the task is {self.layout_name!r}")
+        data_slots = getattr(datamodule, "text_slots", self.text_slots)
+        if data_slots != self.text_slots:
+            raise ValueError(
+                f"the data reserves text_slots={data_slots} positions for the text but the task "
+                f"{self.text_slots}: give data and task the same fixed_image_positions and "
+                "max_text_len")
 
     # ------------------------------------------------------------------ loss
     def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -234,7 +258,8 @@ class SequenceTask(CogViewTask):
         """What ``cogview.json`` says of this model: task, vocabulary, layout settings."""
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
         return {"task": self.layout_name, "vocab": self.vocab.to_dict(),
-                "max_text_len": self.hparams.max_text_len, "image_tokens": self.image_tokens,
+                "max_text_len": self.hparams.max_text_len, "text_slots": self.text_slots,
+                "image_tokens": self.image_tokens,
                 "caption_end_token": getattr(datamodule, "caption_end_token", None),
                 "text_tokenizer": "text_tokenizer", "image_tokenizer": "vqvae"}
 

@@ -28,7 +28,8 @@ class SRTask(SequenceTask):
         generated = generate_sr(self.model, self.vocab, texts, lowres,
                                 hr_tokens=target[0].numel(), seeds=list(range(len(rows))),
                                 top_k=self.hparams.sample_top_k,
-                                temperature=self.hparams.sample_temperature)
+                                temperature=self.hparams.sample_temperature,
+                                max_text_len=self.hparams.max_text_len, text_slots=self.text_slots)
         self.model.train(was_training)
         low_side, high_side = int(round(lowres[0].numel() ** 0.5)), int(round(target[0].numel() ** 0.5))
         decode = self.image_tokenizer.decode

@@ -10,17 +10,19 @@ from cogview.tasks.sequence import SequenceTask
 from cogview.visualize import image_grid
 
 
-def drop_text(batch: dict[str, torch.Tensor], rows: torch.Tensor, text_mask_key: str = "text_mask"
-              ) -> dict[str, torch.Tensor]:
+def drop_text(batch: dict[str, torch.Tensor], rows: torch.Tensor, text_mask_key: str = "text_mask",
+              keep_positions: bool = False) -> dict[str, torch.Tensor]:
     """Turns ``rows`` of a t2i batch into empty-caption sequences.
 
-    The text tokens are hidden from attention and the positions after them are compacted,
-    which is what the layout with an empty text span gives; targets predicted from a
-    hidden token are dropped from the loss.
+    The text tokens are hidden from attention and the positions after them are compacted
+    (``keep_positions``: left as they are, for layouts with reserved text slots), which is
+    what the layout with an empty text span gives; targets predicted from a hidden token
+    are dropped from the loss.
     """
     text = batch[text_mask_key].bool() & rows[:, None]  # (B, T)
     attention = batch["attention_mask"].bool() & ~text
-    positions = (attention.long().cumsum(-1) - 1).clamp_min(0)
+    positions = (batch["position_ids"] if keep_positions
+                 else (attention.long().cumsum(-1) - 1).clamp_min(0))
     loss_mask = batch["loss_mask"].bool() & ~text
     loss_mask[:, 1:] &= ~text[:, :-1]  # a target predicted from a hidden text position
     return {**batch, "attention_mask": attention, "position_ids": positions, "loss_mask": loss_mask}
@@ -37,7 +39,9 @@ class T2ITask(SequenceTask):
         if not p or not self.training:
             return batch
         rows = torch.rand(batch["input_ids"].shape[0], device=batch["input_ids"].device) < p
-        return drop_text(batch, rows) if rows.any() else batch
+        if not rows.any():
+            return batch
+        return drop_text(batch, rows, keep_positions=self.text_slots is not None)
 
     @torch.no_grad()
     def log_samples(self, batch: dict) -> None:
@@ -55,7 +59,8 @@ class T2ITask(SequenceTask):
         codes = generate_images(
             self.model, self.vocab, [self.text_tokenizer.encode(p) for p in prompts],
             image_tokens=image_tokens, seeds=list(range(len(prompts))),
-            top_k=self.hparams.sample_top_k, temperature=self.hparams.sample_temperature)
+            top_k=self.hparams.sample_top_k, temperature=self.hparams.sample_temperature,
+            max_text_len=self.hparams.max_text_len, text_slots=self.text_slots)
         self.model.train(was_training)
         images = self.image_tokenizer.decode(codes.view(-1, side, side).cpu())
         self.save_picture(image_grid(images, columns=len(prompts), scale=2), "t2i")

@@ -7,9 +7,16 @@
 
 Conventions (every tensor is 1-D over the T positions of one sequence):
 - `input_ids`: vocabulary ids (text ids already shifted by K, see vocab.py).
-- `position_ids`: 0..T-1 for every layout, sr included (learned absolute positions). We know
-  of no special position scheme in CogView's sr and invent none: the window a high-res patch
-  covers is told by its [POS<w>] token, not by the position ids.
+- `position_ids`: 0..T-1 by default, as in CogView (learned absolute positions, sr included;
+  the window a high-res patch covers is told by its [POS<w>] token). With `text_slots=S`
+  (t2i and sr), the text keeps positions 1..n and every token after it is shifted as if the
+  text had been padded to S tokens, without spending compute on padding: image tokens then
+  have the same position ids whatever the caption's length, so a learned position embedding
+  means one image cell (and in sr a high-res code and its low-res parent stay at a fixed
+  distance). A caption layout with `text_slots=S` gives every token the position it has in
+  the t2i layout: [BASE] [BOI1] image [EOI1] at S+1.., then [ROI1] text at 0, 1, ..; position
+  ids need not grow along the sequence (attention is causal by index), so a captioner
+  fine-tuned from a t2i model keeps that model's image and text position embeddings.
 - `loss_mask[t]` is True when token t is a target, predicted from tokens < t. Training shifts:
   logits[:, :-1] are scored against input_ids[:, 1:] where loss_mask[:, 1:]. Position 0 is never
   a target. Targets per task:
@@ -48,6 +55,7 @@ class Layout:
     spans: list[tuple[int, int, str]] = field(default_factory=list)
     text_truncated: int = 0
     next_kind: str | None = None  # prompts: what the sampler draws next ("image" or "text")
+    text_slots: int | None = None  # positions reserved for the text (None: sequential positions)
 
     def __len__(self) -> int:
         return self.input_ids.numel()
@@ -124,8 +132,11 @@ def _commands(vocab: CogViewVocab, *names: str, target: bool) -> _Segment:
 
 
 def _assemble(task: str, segments: Sequence[_Segment], text_truncated: int,
-              next_kind: str | None = None) -> Layout:
-    """Concatenate segments into a Layout; a prompt (next_kind set) has no targets."""
+              next_kind: str | None = None, text_slots: int | None = None) -> Layout:
+    """Concatenate segments into a Layout; a prompt (next_kind set) has no targets.
+
+    `text_slots`: positions after the (single) text segment start at the text's start + slots.
+    """
     spans, start = [], 0
     for seg in segments:
         end = start + seg.ids.numel()
@@ -137,9 +148,38 @@ def _assemble(task: str, segments: Sequence[_Segment], text_truncated: int,
     loss_mask = torch.cat([torch.full((len(s.ids),), s.target and not is_prompt) for s in segments])
     text_mask = torch.cat([torch.full((len(s.ids),), s.kind == "text") for s in segments])
     loss_mask[0] = False  # nothing precedes the first token
-    return Layout(task=task, input_ids=input_ids, position_ids=torch.arange(input_ids.numel()),
+    position_ids = torch.arange(input_ids.numel())
+    if text_slots is not None:
+        start = 0
+        for seg in segments:
+            if seg.kind == "text":
+                position_ids[start + seg.ids.numel():] += text_slots - seg.ids.numel()
+                break
+            start += seg.ids.numel()
+    return Layout(task=task, input_ids=input_ids, position_ids=position_ids,
                   loss_mask=loss_mask, text_mask=text_mask, spans=spans,
-                  text_truncated=text_truncated, next_kind=next_kind)
+                  text_truncated=text_truncated, next_kind=next_kind, text_slots=text_slots)
+
+
+def text_slots_for(fixed_image_positions: bool, max_text_len: int | None,
+                   where: str = "task") -> int | None:
+    """The `text_slots` of a model trained with `fixed_image_positions`: its max_text_len."""
+    if not fixed_image_positions:
+        return None
+    if max_text_len is None:
+        raise ValueError(f"{where}.fixed_image_positions=true reserves max_text_len positions for "
+                         f"the text, but {where}.max_text_len is null; set it (e.g. 64) or use "
+                         f"{where}.fixed_image_positions=false")
+    return int(max_text_len)
+
+
+def _text_limit(max_text_len: int | None, text_slots: int | None) -> int | None:
+    """The text length kept: max_text_len, and never more than the reserved text slots."""
+    if text_slots is None:
+        return max_text_len
+    if not (isinstance(text_slots, int) and text_slots >= 1):
+        raise ValueError(f"text_slots must be an int >= 1 or None, got {text_slots!r}")
+    return text_slots if max_text_len is None else min(max_text_len, text_slots)
 
 
 def _check_window(window: int) -> None:
@@ -154,9 +194,13 @@ def _check_window(window: int) -> None:
 
 
 def t2i_layout(vocab: CogViewVocab, text_ids, image_codes, *, max_text_len: int | None = None,
-               allow_empty_text: bool = False) -> Layout:
-    """[ROI1] text [BASE] [BOI1] image [EOI1]; targets: everything after [ROI1]."""
-    text, truncated = text_ids_to_tensor(vocab, text_ids, max_text_len=max_text_len,
+               allow_empty_text: bool = False, text_slots: int | None = None) -> Layout:
+    """[ROI1] text [BASE] [BOI1] image [EOI1]; targets: everything after [ROI1].
+
+    `text_slots`: image positions independent of the caption's length (module docstring).
+    """
+    text, truncated = text_ids_to_tensor(vocab, text_ids,
+                                         max_text_len=_text_limit(max_text_len, text_slots),
                                          allow_empty_text=allow_empty_text)
     image = image_codes_to_tensor(vocab, image_codes)
     return _assemble("t2i", [
@@ -165,17 +209,30 @@ def t2i_layout(vocab: CogViewVocab, text_ids, image_codes, *, max_text_len: int 
         _commands(vocab, "[BASE]", "[BOI1]", target=True),
         _Segment(image, "image", True),
         _commands(vocab, "[EOI1]", target=True),
-    ], truncated)
+    ], truncated, text_slots=text_slots)
+
+
+def _caption_positions(layout: Layout, image_len: int, text_slots: int | None) -> Layout:
+    """With text slots: the image part at its t2i positions (S+1..), [ROI1] text from 0."""
+    if text_slots is not None:
+        head = image_len + 3  # [BASE] [BOI1] image [EOI1]
+        layout.position_ids = torch.cat([torch.arange(text_slots + 1, text_slots + 1 + head),
+                                         torch.arange(len(layout) - head)])
+        layout.text_slots = text_slots
+    return layout
 
 
 def caption_layout(vocab: CogViewVocab, text_ids, image_codes, *, max_text_len: int | None = None,
-                   allow_empty_text: bool = False, end_token: str | None = None) -> Layout:
+                   allow_empty_text: bool = False, end_token: str | None = None,
+                   text_slots: int | None = None) -> Layout:
     """[BASE] [BOI1] image [EOI1] [ROI1] text; targets: the text.
 
     `end_token` (e.g. "[SEP]") appends a target command token after the text, so that a
     captioner learns where to stop; the default None keeps CogView's layout exactly.
+    `text_slots`: every token at its t2i position (module docstring).
     """
-    text, truncated = text_ids_to_tensor(vocab, text_ids, max_text_len=max_text_len,
+    text, truncated = text_ids_to_tensor(vocab, text_ids,
+                                         max_text_len=_text_limit(max_text_len, text_slots),
                                          allow_empty_text=allow_empty_text)
     image = image_codes_to_tensor(vocab, image_codes)
     segments = [
@@ -186,7 +243,7 @@ def caption_layout(vocab: CogViewVocab, text_ids, image_codes, *, max_text_len: 
     ]
     if end_token is not None:
         segments.append(_commands(vocab, end_token, target=True))
-    return _assemble("caption", segments, truncated)
+    return _caption_positions(_assemble("caption", segments, truncated), image.numel(), text_slots)
 
 
 def _sr_segments(
@@ -202,21 +259,24 @@ def _sr_segments(
 
 
 def sr_layout(vocab: CogViewVocab, text_ids, lowres_codes, highres_codes, *, window: int = 0,
-              max_text_len: int | None = None, allow_empty_text: bool = False) -> Layout:
+              max_text_len: int | None = None, allow_empty_text: bool = False,
+              text_slots: int | None = None) -> Layout:
     """[ROI1] text [BASE] [BOI1] low-res [EOI1] [ROI2] [POS<window>] [BASE] [BOI2] high-res [EOI2].
 
     Targets: the high-res image and [EOI2]. `window` (0..8) picks [POS0]..[POS8], the 3x3
-    window of a larger image that this high-res patch covers.
+    window of a larger image that this high-res patch covers. `text_slots`: image positions
+    independent of the caption's length (module docstring).
     """
     _check_window(window)
-    text, truncated = text_ids_to_tensor(vocab, text_ids, max_text_len=max_text_len,
+    text, truncated = text_ids_to_tensor(vocab, text_ids,
+                                         max_text_len=_text_limit(max_text_len, text_slots),
                                          allow_empty_text=allow_empty_text)
     lowres = image_codes_to_tensor(vocab, lowres_codes, "low-res image codes")
     highres = image_codes_to_tensor(vocab, highres_codes, "high-res image codes")
     return _assemble("sr", _sr_segments(vocab, text, lowres, window) + [
         _Segment(highres, "image", True),
         _commands(vocab, "[EOI2]", target=True),
-    ], truncated)
+    ], truncated, text_slots=text_slots)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -224,35 +284,41 @@ def sr_layout(vocab: CogViewVocab, text_ids, lowres_codes, highres_codes, *, win
 
 
 def t2i_prompt(vocab: CogViewVocab, text_ids, *, max_text_len: int | None = None,
-               allow_empty_text: bool = False) -> Layout:
+               allow_empty_text: bool = False, text_slots: int | None = None) -> Layout:
     """[ROI1] text [BASE] [BOI1]: the sampler continues with image codes."""
-    text, truncated = text_ids_to_tensor(vocab, text_ids, max_text_len=max_text_len,
+    text, truncated = text_ids_to_tensor(vocab, text_ids,
+                                         max_text_len=_text_limit(max_text_len, text_slots),
                                          allow_empty_text=allow_empty_text)
     return _assemble("t2i", [
         _commands(vocab, "[ROI1]", target=False),
         _Segment(text, "text", False),
         _commands(vocab, "[BASE]", "[BOI1]", target=False),
-    ], truncated, next_kind="image")
+    ], truncated, next_kind="image", text_slots=text_slots)
 
 
-def caption_prompt(vocab: CogViewVocab, image_codes) -> Layout:
+def caption_prompt(vocab: CogViewVocab, image_codes, *, text_slots: int | None = None) -> Layout:
     """[BASE] [BOI1] image [EOI1] [ROI1]: the sampler continues with text ids."""
+    if text_slots is not None:
+        _text_limit(None, text_slots)  # checks the value
     image = image_codes_to_tensor(vocab, image_codes)
-    return _assemble("caption", [
+    return _caption_positions(_assemble("caption", [
         _commands(vocab, "[BASE]", "[BOI1]", target=False),
         _Segment(image, "image", False),
         _commands(vocab, "[EOI1]", "[ROI1]", target=False),
-    ], 0, next_kind="text")
+    ], 0, next_kind="text"), image.numel(), text_slots)
 
 
 def sr_prompt(vocab: CogViewVocab, text_ids, lowres_codes, *, window: int = 0,
-              max_text_len: int | None = None, allow_empty_text: bool = False) -> Layout:
+              max_text_len: int | None = None, allow_empty_text: bool = False,
+              text_slots: int | None = None) -> Layout:
     """sr layout up to and including [BOI2]: the sampler continues with high-res image codes."""
     _check_window(window)
-    text, truncated = text_ids_to_tensor(vocab, text_ids, max_text_len=max_text_len,
+    text, truncated = text_ids_to_tensor(vocab, text_ids,
+                                         max_text_len=_text_limit(max_text_len, text_slots),
                                          allow_empty_text=allow_empty_text)
     lowres = image_codes_to_tensor(vocab, lowres_codes, "low-res image codes")
-    return _assemble("sr", _sr_segments(vocab, text, lowres, window), truncated, next_kind="image")
+    return _assemble("sr", _sr_segments(vocab, text, lowres, window), truncated, next_kind="image",
+                     text_slots=text_slots)
 
 
 def next_span_kind(vocab: CogViewVocab, token_id: int) -> str | None:
