@@ -1,5 +1,7 @@
 """t2i, caption and sr tasks composed by Hydra: fast_dev_run, init_from, caption dropout, export."""
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -52,7 +54,7 @@ def test_fast_dev_run_each_task_and_precision(assets, tmp_path, task, precision)
     assert (tmp_path / "export" / "text_tokenizer" / "tokenizer.json").is_file()
 
 
-def test_caption_initialised_from_t2i_and_mismatch_error(assets, tmp_path):
+def test_caption_initialised_from_t2i_and_mismatch_error(assets, tmp_path, caplog):
     t2i = compose_train(task_overrides(assets, "t2i", tmp_path / "t2i", "trainer.max_steps=2",
                                        "trainer.val_check_interval=2"))
     train(t2i)
@@ -72,6 +74,13 @@ def test_caption_initialised_from_t2i_and_mismatch_error(assets, tmp_path):
     from_ckpt = compose_train(task_overrides(assets, "caption", tmp_path / "ck",
                                              f"task.init_from={checkpoint}"))
     assert train_task_only(from_ckpt).model.num_parameters() == reference.num_parameters()
+    assert "text_slots" not in caplog.text  # same position scheme: no warning
+    fixed = compose_train(task_overrides(assets, "caption", tmp_path / "fx",
+                                         f"task.init_from={source}",
+                                         "data.fixed_image_positions=true"))
+    with caplog.at_level(logging.WARNING, logger="cogview.tasks.sequence"):
+        train_task_only(fixed)
+    assert "was trained with text_slots=None but this run uses 64" in caplog.text
 
 
 def train_task_only(cfg):
