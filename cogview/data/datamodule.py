@@ -55,6 +55,7 @@ from cogview.tokenization import (
     caption_layout,
     sr_layout,
     t2i_layout,
+    text_limit,
     text_slots_for,
 )
 
@@ -275,8 +276,9 @@ class LayoutBatcher:
 
     def sequence_length(self, n_text: int, n_image: int, n_lowres: int = 0) -> int:
         """Tokens in one layout with these part lengths (text before truncation)."""
-        if self.max_text_len is not None:
-            n_text = min(n_text, self.max_text_len)
+        limit = text_limit(self.max_text_len, self.text_slots)
+        if limit is not None:
+            n_text = min(n_text, limit)
         return len(self._template(n_text, n_image, n_lowres).input_ids)
 
     def prepare(self, sample: TokenSample) -> "_Row":
@@ -284,9 +286,7 @@ class LayoutBatcher:
         vocab = self.vocab
         text = sample.text_ids.reshape(-1).astype(np.int64)
         truncated = 0
-        limit = self.max_text_len
-        if self.text_slots is not None:
-            limit = self.text_slots if limit is None else min(limit, self.text_slots)
+        limit = text_limit(self.max_text_len, self.text_slots)
         if limit is not None and text.size > limit:
             truncated = text.size - limit
             text = text[:limit]

@@ -118,7 +118,7 @@ class SequenceTask(CogViewTask):
         self.image_tokens: int | None = None  # codes per generated image, seen in the data
 
     def _warn_on_other_positions(self, source: Path) -> None:
-        """A t2i/sr export trained with other image positions still loads, but its position
+        """An export trained with the other position scheme still loads, but its position
         embeddings mean other things here: say so."""
         info_file = source / EXPORT_CONFIG
         if not info_file.is_file():

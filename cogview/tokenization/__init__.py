@@ -21,6 +21,7 @@ from .layouts import (
     t2i_layout,
     t2i_prompt,
     text_ids_to_tensor,
+    text_limit,
     text_slots_for,
 )
 from .text import (
@@ -61,5 +62,6 @@ __all__ = [
     "collate_layouts",
     "image_codes_to_tensor",
     "text_ids_to_tensor",
+    "text_limit",
     "text_slots_for",
 ]

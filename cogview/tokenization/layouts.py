@@ -173,12 +173,16 @@ def text_slots_for(fixed_image_positions: bool, max_text_len: int | None,
     return int(max_text_len)
 
 
-def _text_limit(max_text_len: int | None, text_slots: int | None) -> int | None:
+def _check_text_slots(text_slots: int | None) -> None:
+    if text_slots is not None and not (isinstance(text_slots, int) and text_slots >= 1):
+        raise ValueError(f"text_slots must be an int >= 1 or None, got {text_slots!r}")
+
+
+def text_limit(max_text_len: int | None, text_slots: int | None) -> int | None:
     """The text length kept: max_text_len, and never more than the reserved text slots."""
+    _check_text_slots(text_slots)
     if text_slots is None:
         return max_text_len
-    if not (isinstance(text_slots, int) and text_slots >= 1):
-        raise ValueError(f"text_slots must be an int >= 1 or None, got {text_slots!r}")
     return text_slots if max_text_len is None else min(max_text_len, text_slots)
 
 
@@ -200,7 +204,7 @@ def t2i_layout(vocab: CogViewVocab, text_ids, image_codes, *, max_text_len: int 
     `text_slots`: image positions independent of the caption's length (module docstring).
     """
     text, truncated = text_ids_to_tensor(vocab, text_ids,
-                                         max_text_len=_text_limit(max_text_len, text_slots),
+                                         max_text_len=text_limit(max_text_len, text_slots),
                                          allow_empty_text=allow_empty_text)
     image = image_codes_to_tensor(vocab, image_codes)
     return _assemble("t2i", [
@@ -232,7 +236,7 @@ def caption_layout(vocab: CogViewVocab, text_ids, image_codes, *, max_text_len: 
     `text_slots`: every token at its t2i position (module docstring).
     """
     text, truncated = text_ids_to_tensor(vocab, text_ids,
-                                         max_text_len=_text_limit(max_text_len, text_slots),
+                                         max_text_len=text_limit(max_text_len, text_slots),
                                          allow_empty_text=allow_empty_text)
     image = image_codes_to_tensor(vocab, image_codes)
     segments = [
@@ -269,7 +273,7 @@ def sr_layout(vocab: CogViewVocab, text_ids, lowres_codes, highres_codes, *, win
     """
     _check_window(window)
     text, truncated = text_ids_to_tensor(vocab, text_ids,
-                                         max_text_len=_text_limit(max_text_len, text_slots),
+                                         max_text_len=text_limit(max_text_len, text_slots),
                                          allow_empty_text=allow_empty_text)
     lowres = image_codes_to_tensor(vocab, lowres_codes, "low-res image codes")
     highres = image_codes_to_tensor(vocab, highres_codes, "high-res image codes")
@@ -287,7 +291,7 @@ def t2i_prompt(vocab: CogViewVocab, text_ids, *, max_text_len: int | None = None
                allow_empty_text: bool = False, text_slots: int | None = None) -> Layout:
     """[ROI1] text [BASE] [BOI1]: the sampler continues with image codes."""
     text, truncated = text_ids_to_tensor(vocab, text_ids,
-                                         max_text_len=_text_limit(max_text_len, text_slots),
+                                         max_text_len=text_limit(max_text_len, text_slots),
                                          allow_empty_text=allow_empty_text)
     return _assemble("t2i", [
         _commands(vocab, "[ROI1]", target=False),
@@ -298,8 +302,7 @@ def t2i_prompt(vocab: CogViewVocab, text_ids, *, max_text_len: int | None = None
 
 def caption_prompt(vocab: CogViewVocab, image_codes, *, text_slots: int | None = None) -> Layout:
     """[BASE] [BOI1] image [EOI1] [ROI1]: the sampler continues with text ids."""
-    if text_slots is not None:
-        _text_limit(None, text_slots)  # checks the value
+    _check_text_slots(text_slots)
     image = image_codes_to_tensor(vocab, image_codes)
     return _caption_positions(_assemble("caption", [
         _commands(vocab, "[BASE]", "[BOI1]", target=False),
@@ -314,7 +317,7 @@ def sr_prompt(vocab: CogViewVocab, text_ids, lowres_codes, *, window: int = 0,
     """sr layout up to and including [BOI2]: the sampler continues with high-res image codes."""
     _check_window(window)
     text, truncated = text_ids_to_tensor(vocab, text_ids,
-                                         max_text_len=_text_limit(max_text_len, text_slots),
+                                         max_text_len=text_limit(max_text_len, text_slots),
                                          allow_empty_text=allow_empty_text)
     lowres = image_codes_to_tensor(vocab, lowres_codes, "low-res image codes")
     return _assemble("sr", _sr_segments(vocab, text, lowres, window), truncated, next_kind="image",
