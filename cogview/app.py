@@ -243,6 +243,11 @@ class DemoApp:
                 bundle.write(folder / name, name)
         return paths, str(archive)
 
+    @property
+    def caption_beams(self) -> int:
+        """Beams for greedy captions (app.yaml caption.num_beams)."""
+        return int(self.cfg.caption.get("num_beams", 1))
+
     def _sampling(self, section: str, temperature=None, top_k=None) -> dict:
         """temperature and top-k (0: off) from the form, else from the config section."""
         defaults = self.cfg[section]
@@ -302,6 +307,7 @@ class DemoApp:
         seed = as_int(seed, "seed", 0, MAX_SEED)
         with self._using("caption"), user_errors():
             text = pipe.caption([picture], greedy=bool(greedy), seed=seed, progress=False,
+                                num_beams=self.caption_beams if greedy else 1,
                                 **self._sampling("caption"))[0]
         return text or "(空 the model ended the caption at once)"
 
@@ -317,7 +323,8 @@ class DemoApp:
             picture = resize_center_crop(picture, input_side)
         if not (isinstance(prompt, str) and prompt.strip()) and self.models.caption is not None:
             with self._using("caption"), user_errors():
-                prompt = self.models.caption.caption([picture], progress=False)[0]
+                prompt = self.models.caption.caption([picture], progress=False,
+                                                     num_beams=self.caption_beams)[0]
         prompt = check_prompt(prompt)
         with self._using("sr"), user_errors():
             after = pipe.super_resolve([picture], prompt, seed=seed, progress=False,

@@ -112,7 +112,8 @@ def evaluate(demo: DictConfig, exports: dict[str, Path], report_dir: Path) -> di
                prompts_per_split=ev.prompts_per_split, num_candidates=ev.num_candidates,
                seed=demo.seed, top_k=ev.top_k, temperature=ev.temperature,
                rerank_temperature=ev.rerank_temperature,
-               caption_images=ev.caption_images, sr_images=ev.sr_images)
+               caption_images=ev.caption_images, sr_images=ev.sr_images,
+               caption_num_beams=ev.caption_num_beams)
 
 
 def read_curves(runs_dir: Path) -> dict[str, list[dict]]:
@@ -238,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
                      f"{result['rerank']['random_full_match']:.1%})")
         print(line)
     for split, result in results.get("caption", {}).items():
-        print(f"[demo] caption {split}: exact match {result['exact_match']:.1%}")
+        greedy = result.get("greedy_exact_match", result["exact_match"])
+        print(f"[demo] caption {split}: exact match {result['exact_match']:.1%} "
+              f"({result['num_beams']} beams; greedy {greedy:.1%})")
     for split, result in results.get("sr", {}).items():
         print(f"[demo] sr {split}: PSNR {result['psnr']:.2f} dB vs bicubic "
               f"{result['bicubic_psnr']:.2f} dB")

@@ -366,7 +366,8 @@ def add_captions(cfg: DictConfig, pipe, items: list[tuple[dict, object]]) -> Non
     captions = pipe.caption([item for _, item in good], greedy=cfg.greedy,
                             max_len=cfg.get("max_len"), seed=cfg.seed,
                             temperature=cfg.temperature, top_k=cfg.top_k,
-                            max_inference_batch_size=cfg.max_inference_batch_size)
+                            max_inference_batch_size=cfg.max_inference_batch_size,
+                            num_beams=cfg.num_beams)
     for (row, _), caption in zip(good, captions):
         row["caption"] = caption
 
@@ -530,7 +531,7 @@ def evaluate_exports(cfg: DictConfig, shards: Shards) -> Path:
                   rerank_temperature=cfg.get("rerank_temperature"),
                   fid_features=cfg.fid_features, is_classifier=cfg.is_classifier,
                   caption_images=cfg.caption_images, sr_images=cfg.sr_images,
-                  sr_top_k=cfg.sr_top_k)
+                  sr_top_k=cfg.sr_top_k, caption_num_beams=cfg.caption_num_beams)
     runs = [Path(run) for run in (cfg.get("runs") or [])]
     if runs:
         from cogview.eval.plots import plot_loss_curves

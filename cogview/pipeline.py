@@ -461,12 +461,18 @@ class Pipeline:
     @mixed_precision
     def caption(self, images, greedy: bool = True, max_len: int | None = None, seed: int = 0,
                 temperature: float = 1.0, top_k: int | None = 200,
-                max_inference_batch_size: int = 12, progress: bool = True) -> list[str]:
+                max_inference_batch_size: int = 12, progress: bool = True,
+                num_beams: int = 1) -> list[str]:
         """Image captioning: PIL images, paths or code grids (LongTensor [h, w], e.g. from
-        pretokenized shards) -> one caption each (image i: seed ``seed + i`` when sampling). Captions end at the end token ([SEP] unless the export names another)
-        or after ``max_len`` tokens (default: the export's max_text_len)."""
+        pretokenized shards) -> one caption each (image i: seed ``seed + i`` when sampling).
+        Captions end at the end token ([SEP] unless the export names another) or after
+        ``max_len`` tokens (default: the export's max_text_len). ``num_beams`` > 1 (with
+        ``greedy=True``): the most likely caption found by beam search, not the greedy one."""
+        from cogview.generation.beam import check_num_beams
+
         from cogview.generation.sampling import generate_captions
 
+        check_num_beams(num_beams, greedy)
         if isinstance(images, (str, Path, Image.Image)):
             images = [images]
         items = [image if isinstance(image, torch.Tensor) else self.prepare_image(image)
@@ -484,7 +490,8 @@ class Pipeline:
             text_ids = generate_captions(
                 self.model, self.vocab, codes, max_len,
                 [seed + index for index, _ in chunk], greedy=greedy, stop_id=self.caption_stop_id,
-                temperature=temperature, top_k=top_k, text_slots=self.text_slots)
+                temperature=temperature, top_k=top_k, text_slots=self.text_slots,
+                num_beams=num_beams)
             return [self.text_tokenizer.decode(ids) for ids in text_ids]
 
         self.batch_sizer = BatchSizer(max_inference_batch_size)

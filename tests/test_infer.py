@@ -237,7 +237,10 @@ def test_infer_eval_runs_the_shapes_benchmark_on_an_export_folder(exports, sr_ex
     two = results["t2i"]["two"]
     assert two["n_prompts"] == 2 and 0 <= two["one_sample"]["full_match"] <= 1
     assert two["rerank"]["n_candidates"] == 4  # 2 prompts x 2 candidates, caption-scored
+    captions = results["caption"]["two"]
+    assert captions["num_beams"] == 4 and 0 <= captions["greedy_exact_match"] <= 1
     report = (out / "report.md").read_text()
+    assert "most likely caption of 4 beams" in report
     for picture in ("t2i_accuracy.png", "t2i_two.png", "t2i_two_reranked.png", "caption_two.png",
                     "sr_seen.png", "loss_curves.png"):
         assert picture in report and (out / picture).is_file()
@@ -262,7 +265,7 @@ def test_infer_caption_reads_codes_from_pretokenized_shards(exports, tmp_path):
     record = next(read_tar(rows[0]["shard"]))
     codes = torch.from_numpy(decode_sample(record.members, record.key, False).image_codes.astype("int64"))
     pipe = Pipeline.from_pretrained(exports / "caption", precision="32-true")
-    assert pipe.caption([codes], progress=False) == [rows[0]["caption"]]
+    assert pipe.caption([codes], progress=False, num_beams=4) == [rows[0]["caption"]]  # task default
     with pytest.raises(ValueError, match="not both"):
         infer_in_process("task=caption", f"ckpt={exports / 'caption'}", f"shards={shards}",
                          "images=[a.png]")

@@ -176,6 +176,21 @@ def test_caption_returns_one_string_per_image_and_stops_at_sep(exports, tmp_path
     assert stopped == [caption[:2] for caption in captions]
 
 
+def test_caption_with_beams_is_the_beam_search_of_the_encoded_image(exports):
+    from cogview import Pipeline
+    from cogview.generation import generate_captions
+
+    pipe = Pipeline.from_pretrained(exports / "caption", precision="32-true")
+    images = [Image.new("RGB", (64, 64), color) for color in ((220, 20, 20), (20, 20, 220))]
+    captions = pipe.caption(images, max_len=6, progress=False, num_beams=3)
+    codes = list(pipe.encode_images(images).flatten(1))
+    ids = generate_captions(pipe.model, pipe.vocab, codes, 6, stop_id=pipe.caption_stop_id,
+                            num_beams=3)
+    assert captions == [pipe.text_tokenizer.decode(row) for row in ids]
+    with pytest.raises(ValueError, match="pass greedy=True"):
+        pipe.caption(images, greedy=False, num_beams=3, progress=False)
+
+
 def test_load_time_mismatch_names_both_values(exports, tmp_path):
     from cogview import Pipeline
 

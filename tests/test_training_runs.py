@@ -135,7 +135,8 @@ def test_shapes_eval_scores_each_task_against_training_time(assets, sr_shards, t
     assert 0 < curve[0]["train_seconds"] <= curve[1]["train_seconds"]
     splits = ("seen", "heldout", "two")
     metrics = {"t2i": [f"{s}_full_match" for s in splits],
-               "caption": [f"{s}_exact_match" for s in splits],
+               "caption": [f"{s}_{m}" for s in splits for m in ("exact_match",
+                                                                 "greedy_exact_match")],
                "sr": [f"{s}_{m}" for s in splits for m in ("psnr", "bicubic_psnr")]}[task]
     for point in curve:
         assert set(point) == {"step", "train_seconds", *metrics}

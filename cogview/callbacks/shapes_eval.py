@@ -3,8 +3,8 @@
 
 - t2i: the model draws the canonical prompts and the oracle reads them back
   (``<split>_full_match``);
-- caption: greedy captions of rendered scenes, parsed back to attributes
-  (``<split>_exact_match``);
+- caption: captions of rendered scenes (the most likely of 4 beams, and greedy), parsed back
+  to attributes (``<split>_exact_match``, ``<split>_greedy_exact_match``);
 - sr: 2x super-resolution of rendered scenes (``<split>_psnr`` beside
   ``<split>_bicubic_psnr``), as ``cogview.eval.shapes_bench`` scores them.
 
@@ -130,8 +130,9 @@ class ShapesOracleEval(Callback):
             if pl_module.layout_name == "caption":
                 results = caption_benchmark(pipe, splits=self.splits,
                                             images_per_split=self.prompts_per_split, progress=False)
-                return {f"{split}_exact_match": round(float(r["exact_match"]), 4)
-                        for split, r in results.items()}
+                return {f"{split}_{name}": round(float(r[name]), 4)
+                        for split, r in results.items()
+                        for name in ("exact_match", "greedy_exact_match")}
             results = sr_benchmark(pipe, splits=self.splits, images_per_split=self.prompts_per_split,
                                    progress=False)
             return {f"{split}_{name}": round(float(r[name]), 3) for split, r in results.items()

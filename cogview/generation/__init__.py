@@ -1,5 +1,6 @@
 """Generation: span-restricted, KV-cached, per-sample seeded sampling (plain functions)."""
 
+from .beam import beam_search_span
 from .sampling import (
     check_sampling_args,
     filter_logits,
@@ -14,6 +15,7 @@ from .sampling import (
 )
 
 __all__ = [
+    "beam_search_span",
     "check_sampling_args",
     "filter_logits",
     "generate_captions",

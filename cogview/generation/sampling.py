@@ -150,7 +150,7 @@ def unconditional_prompt(prompt: Layout) -> Layout:
                   next_kind=prompt.next_kind, text_slots=prompt.text_slots)
 
 
-def _prompt_batch(prompts, vocab: CogViewVocab, what: str) -> PromptBatch:
+def prompt_batch(prompts, vocab: CogViewVocab, what: str) -> PromptBatch:
     """Layouts or an already collated batch -> left-padded input_ids/position_ids/attention_mask."""
     if isinstance(prompts, dict):
         if "input_ids" not in prompts or "attention_mask" not in prompts:
@@ -208,7 +208,7 @@ def _guidance_batch(prompts, cond: PromptBatch, uncond_prompts, cfg_scale: float
             raise ValueError("classifier-free guidance on a collated batch needs "
                              "uncond_prompts (the same prompts with an empty text span)")
         uncond_prompts = [unconditional_prompt(p) for p in prompts]
-    uncond = _prompt_batch(uncond_prompts, vocab, "uncond_prompts")
+    uncond = prompt_batch(uncond_prompts, vocab, "uncond_prompts")
     batch_size = cond["input_ids"].shape[0]
     if uncond["input_ids"].shape[0] != batch_size:
         raise ValueError(f"got {uncond['input_ids'].shape[0]} uncond_prompts for "
@@ -221,7 +221,7 @@ def _guidance_batch(prompts, cond: PromptBatch, uncond_prompts, cfg_scale: float
 
 
 @contextmanager
-def _generation_mode(model: nn.Module):
+def generation_mode(model: nn.Module):
     """Eval mode (no dropout) while sampling; restores the mode and frees the KV cache after."""
     was_training = model.training
     model.eval()
@@ -232,7 +232,7 @@ def _generation_mode(model: nn.Module):
         model.train(was_training)
 
 
-def _cache_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
+def cache_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
     """The dtype keys and values are computed in: the autocast dtype when autocast is on."""
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
@@ -250,7 +250,49 @@ def span_logits(model: nn.Module, hidden: torch.Tensor, span_range: tuple[int, i
     return logits
 
 
-def _check_generate_args(model, vocab: CogViewVocab, span_kind: str, num_tokens: int,
+def decode_buffers(model: nn.Module, batch: PromptBatch, num_tokens: int, pad_id: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whole sequence of each left-padded prompt row, prompt then the ``num_tokens`` to come:
+    ids (pad where not yet generated), position ids and key mask, each [N, prompt_len + num_tokens].
+    Generated tokens continue each row's positions from its last prompt position + 1."""
+    rows, prompt_len = batch["input_ids"].shape
+    next_position = batch["position_ids"][:, -1] + 1  # (N,) the last column is real
+    needed = int(next_position.max()) + num_tokens - 1
+    if needed > model.config.max_positions:
+        raise ValueError(f"a prompt of {prompt_len} tokens + num_tokens={num_tokens} needs "
+                         f"{needed} positions but model.max_positions={model.config.max_positions}; "
+                         "shorten the prompt or sample fewer tokens")
+    steps = torch.arange(num_tokens)
+    ids = torch.cat([batch["input_ids"], torch.full((rows, num_tokens), pad_id)], dim=1)
+    positions = torch.cat([batch["position_ids"], next_position[:, None] + steps], dim=1)
+    mask = torch.cat([batch["attention_mask"], torch.ones(rows, num_tokens, dtype=torch.bool)],
+                     dim=1)
+    return ids.to(device), positions.to(device), mask.to(device)
+
+
+def span_candidates(vocab: CogViewVocab, span_kind: str, stop_ids: Sequence[int],
+                    device: torch.device) -> tuple[tuple[int, int], torch.Tensor]:
+    """The span's id range and the vocabulary id of each logit column of ``span_logits``:
+    the span's ids, then the stop ids -> LongTensor [V']."""
+    span_range = vocab.image_range if span_kind == "image" else vocab.text_range
+    candidates = torch.cat([torch.arange(*span_range), torch.tensor(stop_ids, dtype=torch.long)])
+    return span_range, candidates.to(device)
+
+
+def resolve_span_kind(prompts, span_kind: str | None) -> str | None:
+    """The span to generate: ``span_kind``, or the prompt Layouts' common ``next_kind``."""
+    layouts = isinstance(prompts, (list, tuple)) and all(isinstance(p, Layout) for p in prompts)
+    if layouts and prompts:
+        kinds = {p.next_kind for p in prompts}
+        if span_kind is None and len(kinds) == 1:
+            span_kind = kinds.pop()
+        elif span_kind is not None and kinds - {span_kind, None}:
+            raise ValueError(f"span_kind={span_kind!r} but the prompts continue with "
+                             f"{sorted(k for k in kinds if k)}; build prompts for that span kind")
+    return span_kind
+
+
+def check_generate_args(model, vocab: CogViewVocab, span_kind: str, num_tokens: int,
                          stop_ids: Sequence[int], cfg_scale: float) -> None:
     if span_kind not in SPAN_KINDS:
         raise ValueError(f"span_kind={span_kind!r} must be one of {SPAN_KINDS} (None only "
@@ -297,17 +339,10 @@ def generate_span(model: nn.Module, prompts, span_kind: str | None, num_tokens: 
     Returns vocabulary ids (image codes are ids [0, K); text ids are tokenizer ids + K).
     """
     check_sampling_args(temperature, top_k, top_p)
-    layouts = isinstance(prompts, (list, tuple)) and all(isinstance(p, Layout) for p in prompts)
-    if layouts and prompts:
-        kinds = {p.next_kind for p in prompts}
-        if span_kind is None and len(kinds) == 1:
-            span_kind = kinds.pop()
-        elif span_kind is not None and kinds - {span_kind, None}:
-            raise ValueError(f"span_kind={span_kind!r} but the prompts continue with "
-                             f"{sorted(k for k in kinds if k)}; build prompts for that span kind")
+    span_kind = resolve_span_kind(prompts, span_kind)
     stop_ids = [int(s) for s in (stop_ids or ())]
-    _check_generate_args(model, vocab, span_kind, num_tokens, stop_ids, cfg_scale)
-    cond = _prompt_batch(prompts, vocab, "prompts")
+    check_generate_args(model, vocab, span_kind, num_tokens, stop_ids, cfg_scale)
+    cond = prompt_batch(prompts, vocab, "prompts")
     batch_size = cond["input_ids"].shape[0]
     sampling = not (greedy or temperature == 0)
     if sampling:
@@ -334,36 +369,18 @@ def generate_span(model: nn.Module, prompts, span_kind: str | None, num_tokens: 
     if num_tokens == 0:
         return out
     rows, prompt_len = batch["input_ids"].shape
-    # generated tokens continue each row's positions (left-padded: the last column is real)
-    next_position = batch["position_ids"][:, -1] + 1  # (N,)
+    ids, positions, mask = decode_buffers(model, batch, num_tokens, vocab.pad_id, device)
     total = prompt_len + num_tokens - 1  # the last sampled token is never fed back
-    needed = int(next_position.max()) + num_tokens - 1
-    if needed > model.config.max_positions:
-        raise ValueError(f"a prompt of {prompt_len} tokens + num_tokens={num_tokens} needs "
-                         f"{needed} positions but model.max_positions={model.config.max_positions}; "
-                         "shorten the prompt or sample fewer tokens")
-
-    # The whole sequence, prompt then the tokens to come: ids, positions and key mask
-    # [N, prompt_len + num_tokens].
-    steps = torch.arange(num_tokens)
-    ids = torch.cat([batch["input_ids"], torch.full((rows, num_tokens), vocab.pad_id)], dim=1)
-    ids = ids.to(device)
-    positions = torch.cat([batch["position_ids"], next_position[:, None] + steps], dim=1).to(device)
-    mask = torch.cat([batch["attention_mask"], torch.ones(rows, num_tokens, dtype=torch.bool)],
-                     dim=1).to(device)
-
-    span_range = vocab.image_range if span_kind == "image" else vocab.text_range
-    candidates = torch.cat([torch.arange(*span_range), torch.tensor(stop_ids, dtype=torch.long)])
-    candidates = candidates.to(device)  # (V',) vocabulary id of each logit column
+    span_range, candidates = span_candidates(vocab, span_kind, stop_ids, device)
     stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
     generators = row_generators(seeds, device) if sampling else None
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
     if known is not None:
         known = known.to(device)
 
-    with _generation_mode(model):
+    with generation_mode(model):
         if use_kv_cache:
-            model.setup_kv_cache(rows, total, dtype=_cache_dtype(model, device), device=device)
+            model.setup_kv_cache(rows, total, dtype=cache_dtype(model, device), device=device)
             # Batched prefill; the last column is a real token in every (left-padded) row.
             hidden = model(ids[:, :prompt_len], positions[:, :prompt_len], mask[:, :prompt_len],
                            start_pos=0, return_hidden=True)[:, -1]  # (N, C)
@@ -439,19 +456,28 @@ def generate_captions(model: nn.Module, vocab: CogViewVocab, image_codes_list: S
                       max_len: int, seeds: Sequence[int] | None = None, *, greedy: bool = True,
                       stop_id: int | str | None = None, temperature: float = 1.0,
                       top_k: int | None = 200, top_p: float = 1.0,
-                      text_slots: int | None = None) -> list[list[int]]:
+                      text_slots: int | None = None, num_beams: int = 1) -> list[list[int]]:
     """caption: image codes per sample -> up to ``max_len`` tokenizer-space text ids each.
 
     The prompt is ``[BASE] [BOI1] image [EOI1] [ROI1]``. ``stop_id`` (an id or a command
     name such as "[SEP]", for a captioner trained with that end token) ends a caption early;
-    it is not part of the returned ids.
+    it is not part of the returned ids. ``num_beams`` > 1: the most likely caption found by
+    beam search (``cogview.generation.beam``) instead of greedy decoding or sampling.
     """
+    from cogview.generation.beam import beam_search_span, check_num_beams
+
+    check_num_beams(num_beams, greedy)
     if isinstance(stop_id, str):
         stop_id = vocab.command(stop_id)
     prompts = [caption_prompt(vocab, codes, text_slots=text_slots) for codes in image_codes_list]
-    ids = generate_span(model, prompts, "text", max_len, vocab, temperature=temperature,
-                        top_k=top_k, top_p=top_p, seeds=seeds, greedy=greedy,
-                        stop_ids=None if stop_id is None else [stop_id])
+    stop_ids = None if stop_id is None else [stop_id]
+    if num_beams > 1:
+        ids = beam_search_span(model, prompts, "text", max_len, vocab, num_beams=num_beams,
+                               stop_ids=stop_ids)
+    else:
+        ids = generate_span(model, prompts, "text", max_len, vocab, temperature=temperature,
+                            top_k=top_k, top_p=top_p, seeds=seeds, greedy=greedy,
+                            stop_ids=stop_ids)
     captions = []
     for row in ids.tolist():
         text = []

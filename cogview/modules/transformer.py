@@ -375,6 +375,16 @@ class CogViewTransformer(nn.Module):
                 batch_size, self.config.num_heads, max_length, self.config.head_dim, dtype, device
             )
 
+    def reorder_kv_cache(self, index: torch.Tensor) -> None:
+        """Keeps cache rows ``index`` (LongTensor [N']) in that order: beam search follows each
+        beam's parent, and repeating a prefilled prompt's rows starts its beams."""
+        for layer in self.layers:
+            cache = layer.attention.kv_cache
+            if cache is None:
+                raise RuntimeError("reorder_kv_cache without a KV cache: call setup_kv_cache first")
+            cache.keys = cache.keys.index_select(0, index)
+            cache.values = cache.values.index_select(0, index)
+
     def clear_kv_cache(self) -> None:
         """Frees the KV cache buffers."""
         for layer in self.layers:
