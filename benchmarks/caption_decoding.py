@@ -36,15 +36,21 @@ from cogview.tokenization.layouts import caption_layout, collate_layouts  # noqa
 
 @torch.inference_mode()
 def caption_logp(pipe: Pipeline, codes: torch.Tensor, texts: list[str]) -> torch.Tensor:
-    """log P(text + end token | image) of each text -> FloatTensor [len(texts)]."""
+    """log P(text + end token | image) of each text -> FloatTensor [len(texts)], over the
+    distribution the decoders search: the text ids and the end token."""
     end = pipe.info.get("caption_end_token") or "[SEP]"
     layouts = [caption_layout(pipe.vocab, pipe.text_tokenizer.encode(t), codes, end_token=end,
                               text_slots=pipe.text_slots) for t in texts]
     batch = collate_layouts(layouts, pipe.vocab.pad_id, padding_side="right")
     with torch.autocast("cpu", torch.bfloat16, enabled=pipe.precision == "bf16-mixed"):
         logits = pipe.model(batch["input_ids"], batch["position_ids"], batch["attention_mask"])
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    token_logp = logp.gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    lo, hi = pipe.vocab.text_range
+    stop = pipe.vocab.command(end)
+    columns = torch.cat([torch.arange(lo, hi), torch.tensor([stop])])  # what decoding can draw
+    logp = F.log_softmax(logits[:, :-1, columns].float(), dim=-1)  # (B, T-1, V')
+    target = batch["input_ids"][:, 1:]
+    column = torch.where(target == stop, hi - lo, (target - lo).clamp(0, hi - lo - 1))
+    token_logp = logp.gather(-1, column[..., None])[..., 0]
     scored = batch["loss_mask"][:, 1:] & batch["attention_mask"][:, 1:]
     return (token_logp * scored).sum(1)
 

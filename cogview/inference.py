@@ -367,7 +367,7 @@ def add_captions(cfg: DictConfig, pipe, items: list[tuple[dict, object]]) -> Non
                             max_len=cfg.get("max_len"), seed=cfg.seed,
                             temperature=cfg.temperature, top_k=cfg.top_k,
                             max_inference_batch_size=cfg.max_inference_batch_size,
-                            num_beams=cfg.num_beams)
+                            num_beams=cfg.num_beams if cfg.greedy else 1)
     for (row, _), caption in zip(good, captions):
         row["caption"] = caption
 

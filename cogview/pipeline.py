@@ -472,7 +472,7 @@ class Pipeline:
 
         from cogview.generation.sampling import generate_captions
 
-        check_num_beams(num_beams, greedy)
+        check_num_beams(num_beams, greedy or temperature == 0)
         if isinstance(images, (str, Path, Image.Image)):
             images = [images]
         items = [image if isinstance(image, torch.Tensor) else self.prepare_image(image)

@@ -10,8 +10,10 @@ over the span's ids and the stop ids) and returns the best finished sequence:
 
 A finished sequence (one that drew a stop id) is final as soon as no live beam can beat it:
 log-probabilities only add negative terms, so a live beam's score only falls. A row that
-reaches ``num_tokens`` without a stop competes with its score so far. ``num_beams=1`` is
-greedy decoding.
+reaches ``num_tokens`` without a stop competes with its score so far. Scores are not
+normalised by length: this is a search for the most likely sequence, and the most likely
+sequence can be shorter than the greedy one. ``num_beams=1`` is greedy decoding
+(``generate_span(greedy=True)``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from cogview.generation.sampling import (
     cache_dtype,
     check_generate_args,
     decode_buffers,
+    generate_span,
     generation_mode,
     prompt_batch,
     resolve_span_kind,
@@ -36,7 +39,8 @@ from cogview.tokenization.vocab import CogViewVocab
 
 
 def check_num_beams(num_beams, greedy: bool = True) -> None:
-    """num_beams must be an int >= 1, and beam search (> 1) goes with greedy decoding."""
+    """num_beams must be an int >= 1, and beam search (> 1) goes with greedy decoding
+    (``greedy``: the caller decodes greedily, e.g. greedy=True or temperature 0)."""
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
         raise ValueError(f"num_beams={num_beams!r} must be an int >= 1 (1 = greedy decoding)")
     if num_beams > 1 and not greedy:
@@ -55,6 +59,9 @@ def beam_search_span(model: nn.Module, prompts, span_kind: str | None, num_token
     has the same form (the stop id kept, [PAD] after it).
     """
     check_num_beams(num_beams)
+    if num_beams == 1:
+        return generate_span(model, prompts, span_kind, num_tokens, vocab, greedy=True,
+                             stop_ids=stop_ids, use_kv_cache=use_kv_cache, callback=callback)
     span_kind = resolve_span_kind(prompts, span_kind)
     stop_ids = [int(s) for s in (stop_ids or ())]
     check_generate_args(model, vocab, span_kind, num_tokens, stop_ids, 1.0)
@@ -94,6 +101,9 @@ def beam_search_span(model: nn.Module, prompts, span_kind: str | None, num_token
                                return_hidden=True)[:, -1]  # (N, C)
             logp = F.log_softmax(span_logits(model, hidden, span_range, stop_ids).float(), dim=-1)
             total = (scores[:, :, None] + logp.view(batch_size, beams, width))
+            # The best 2 * beams candidates. When stops take more than `beams` of them, fewer
+            # beams go on, but every candidate left out ranks below a finished sequence and
+            # could never beat it.
             top, index = total.view(batch_size, -1).topk(min(2 * beams, beams * width), dim=1)
             parent, token = index // width, candidates[index % width]  # each (B, 2 * beams)
             is_stop = torch.isin(token, stops)
@@ -123,8 +133,8 @@ def beam_search_span(model: nn.Module, prompts, span_kind: str | None, num_token
                 break
             if bool(done.all()):
                 break
-            if use_kv_cache:
-                model.reorder_kv_cache(source)
+            if use_kv_cache:  # a prompt's beams share its prompt's keys: reorder the rest
+                model.reorder_kv_cache(source, start=prompt_len, end=end)
                 hidden = model(ids[:, end:end + 1], positions[:, end:end + 1], mask[:, :end + 1],
                                start_pos=end, return_hidden=True)[:, -1]  # (N, C)
     return best

@@ -466,7 +466,7 @@ def generate_captions(model: nn.Module, vocab: CogViewVocab, image_codes_list: S
     """
     from cogview.generation.beam import beam_search_span, check_num_beams
 
-    check_num_beams(num_beams, greedy)
+    check_num_beams(num_beams, greedy or temperature == 0)
     if isinstance(stop_id, str):
         stop_id = vocab.command(stop_id)
     prompts = [caption_prompt(vocab, codes, text_slots=text_slots) for codes in image_codes_list]

@@ -375,15 +375,26 @@ class CogViewTransformer(nn.Module):
                 batch_size, self.config.num_heads, max_length, self.config.head_dim, dtype, device
             )
 
-    def reorder_kv_cache(self, index: torch.Tensor) -> None:
+    def reorder_kv_cache(self, index: torch.Tensor, start: int | None = None,
+                         end: int | None = None) -> None:
         """Keeps cache rows ``index`` (LongTensor [N']) in that order: beam search follows each
-        beam's parent, and repeating a prefilled prompt's rows starts its beams."""
+        beam's parent, and repeating a prefilled prompt's rows starts its beams. With ``start``
+        and ``end`` (same number of rows) only positions [start, end) are reordered in place,
+        for rows that agree elsewhere (the beams of one prompt share the prompt's keys)."""
         for layer in self.layers:
             cache = layer.attention.kv_cache
             if cache is None:
                 raise RuntimeError("reorder_kv_cache without a KV cache: call setup_kv_cache first")
-            cache.keys = cache.keys.index_select(0, index)
-            cache.values = cache.values.index_select(0, index)
+            if start is None and end is None:
+                cache.keys = cache.keys.index_select(0, index)
+                cache.values = cache.values.index_select(0, index)
+                continue
+            if index.numel() != cache.keys.shape[0]:
+                raise ValueError(f"a partial reorder keeps the batch size {cache.keys.shape[0]}; "
+                                 f"got {index.numel()} rows")
+            span = slice(start, end)
+            cache.keys[:, :, span] = cache.keys[index, :, span]
+            cache.values[:, :, span] = cache.values[index, :, span]
 
     def clear_kv_cache(self) -> None:
         """Frees the KV cache buffers."""
