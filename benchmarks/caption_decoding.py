@@ -10,7 +10,8 @@ count (1 = greedy), and reports exact match of the parsed attributes and the wal
 (after a warm-up call; time only compares settings of one run on one machine). A
 second part asks whether greedy's misses are search errors: for each wrong greedy caption,
 is some correct caption (any template, either clause order) more likely under the model?
-Writes bench_results/caption_decoding.json and a plot of exact match against steps.
+Writes bench_results/caption_decoding.json and a plot of exact match against steps
+(bench_results/caption_decoding.png; the README shows a copy, docs/caption_decoding.png).
 """
 
 from __future__ import annotations
