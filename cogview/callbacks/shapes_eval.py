@@ -126,7 +126,7 @@ class ShapesOracleEval(Callback):
 
     def evaluate_pipeline(self, trainer, pl_module) -> dict:
         """caption / sr: the benchmark's own scoring on the model being trained."""
-        from cogview.eval.shapes_bench import caption_benchmark, sr_benchmark
+        from cogview.eval.shapes_bench import CAPTION_NUM_BEAMS, caption_benchmark, sr_benchmark
 
         precision = str(trainer.precision)
         precision = ("bf16-mixed" if precision.startswith("bf16") else
@@ -137,8 +137,7 @@ class ShapesOracleEval(Callback):
             if pl_module.layout_name == "caption":
                 results = caption_benchmark(pipe, splits=self.splits,
                                             images_per_split=self.prompts_per_split, progress=False,
-                                            **({} if self.caption_num_beams is None else
-                                               {"num_beams": self.caption_num_beams}))
+                                            num_beams=self.caption_num_beams or CAPTION_NUM_BEAMS)
                 return {f"{split}_{name}": round(float(r[name]), 4)
                         for split, r in results.items()
                         for name in ("exact_match", "greedy_exact_match") if name in r}
