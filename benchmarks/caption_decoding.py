@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import RESULTS_DIR, machine_info, write_json  # noqa: E402
+from benchmarks.common import (RESULTS_DIR, machine_info, parse_exports,  # noqa: E402
+                               save_figure, split_axes, write_json)
 from cogview.data.shapes import TEMPLATES, eval_prompts, make_caption, render_scene  # noqa: E402
 from cogview.eval.oracle import evaluate_captions, score_caption  # noqa: E402
 from cogview.eval.shapes_bench import SPLIT_NAMES, SPLITS  # noqa: E402
@@ -81,19 +82,14 @@ def main() -> None:
     parser.add_argument("--picture", default=str(RESULTS_DIR / "caption_decoding.png"))
     args = parser.parse_args()
     beams = [int(b) for b in args.beams.split(",")]
-    exports = []
-    for item in args.export:
-        steps, sep, path = item.partition("=")
-        if not sep or not steps.isdigit():
-            parser.error(f"--export {item!r}: expected STEPS=EXPORT_DIR, e.g. 4800=outputs/caption/export")
-        exports.append((int(steps), path))
+    exports = parse_exports(parser, args.export, "4800=outputs/caption/export")
 
     data = {split: eval_prompts(split, args.images, seed=1) for split in SPLITS}
     images = {split: [render_scene(p["scene"], 64) for p in prompts]
               for split, prompts in data.items()}
     result = {"machine": machine_info(), "images_per_split": args.images, "beams": beams,
               "exports": []}
-    for steps, path in sorted(exports):
+    for steps, path in exports:
         pipe = Pipeline.from_pretrained(path)
         pipe.caption(images["seen"][:4], progress=False, num_beams=max(beams))  # warm-up
         entry = {"steps": steps, "export": path, "splits": {}}
@@ -119,12 +115,7 @@ def main() -> None:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(SPLITS), figsize=(4 * len(SPLITS), 3.2), sharey=True)
+    fig, axes = split_axes(len(SPLITS))
     steps = [e["steps"] for e in result["exports"]]
     for ax, split in zip(axes, SPLITS):
         for k in result["beams"]:
@@ -135,10 +126,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xlabel("caption fine-tuning steps")
     axes[0].set_ylabel(f"exact match, % ({result['images_per_split']} images)")
     axes[0].legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -64,3 +64,34 @@ def write_json(result: dict, out: str | Path | None, name: str) -> Path:
     path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def parse_exports(parser, items: list[str], example: str) -> list[tuple[int, str]]:
+    """``--export STEPS=EXPORT_DIR ...`` -> [(steps, dir)] sorted by steps; a malformed item is
+    a usage error naming it and ``example``."""
+    exports = []
+    for item in items:
+        steps, sep, path = item.partition("=")
+        if not sep or not steps.isdigit():
+            parser.error(f"--export {item!r}: expected STEPS=EXPORT_DIR, e.g. {example}")
+        exports.append((int(steps), path))
+    return sorted(exports)
+
+
+def split_axes(count: int, height: float = 3.2):
+    """A matplotlib figure (Agg) with ``count`` panels side by side sharing y -> (fig, axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, count, figsize=(4 * count, height), sharey=True)
+
+
+def save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

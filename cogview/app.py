@@ -329,7 +329,10 @@ class DemoApp:
         with self._using("sr"), user_errors():
             after = pipe.super_resolve([picture], prompt, seed=seed, progress=False,
                                        max_inference_batch_size=self.cfg.max_inference_batch_size,
-                                       callback=token_progress(progress, "high-res tokens"),
+                                       refine_sweeps=self.cfg.sr.get("refine_sweeps", 2),
+                                       refine_candidates=self.cfg.sr.get("refine_candidates", 8),
+                                       refine_codebook=self.cfg.sr.get("refine_codebook", 0),
+                                       callback=token_progress(progress, "high-res tokens, then refinement"),
                                        **self._sampling("sr"))[0]
         before = picture.resize(after.size, Image.Resampling.BICUBIC)
         rows = [{"id": 0, "prompt": prompt, "sample": 0, "seed": seed, "path": "00000_000.png"}]

@@ -243,8 +243,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[demo] caption {split}: exact match {result['exact_match']:.1%} "
               f"({result['num_beams']} beams; greedy {greedy:.1%})")
     for split, result in results.get("sr", {}).items():
-        print(f"[demo] sr {split}: PSNR {result['psnr']:.2f} dB vs bicubic "
-              f"{result['bicubic_psnr']:.2f} dB")
+        sampled = (f" (sampled codes {result['unrefined_psnr']:.2f} dB)"
+                   if "unrefined_psnr" in result else "")
+        print(f"[demo] sr {split}: PSNR {result['psnr']:.2f} dB{sampled} vs bicubic "
+              f"{result['bicubic_psnr']:.2f} dB, bicubic of the input pixels "
+              f"{result['bicubic_input_psnr']:.2f} dB")
     print(f"[demo] total {sum(t for t in timings.values() if t is not None):.0f} s "
           "(stages reused from an earlier run count the time they took then)")
     return 0

@@ -432,6 +432,10 @@ def super_resolve(cfg: DictConfig, shards: Shards) -> Path:
     picture (bicubic 2x | sr) and results.jsonl (id, source, prompt, path, pair, size)."""
     from cogview.data.images import load_image
 
+    from cogview.generation.superres import check_refine_args
+
+    check_refine_args(cfg.refine_sweeps, cfg.refine_candidates,  # before any image or model
+                      cfg.refine_codebook)
     pairs = sr_inputs(cfg)
     pipe = load_pipeline(cfg)
     out = prepare_output(cfg, shards)
@@ -444,7 +448,10 @@ def super_resolve(cfg: DictConfig, shards: Shards) -> Path:
             image = load_image(path)
             (result,) = pipe.super_resolve(image, prompt, seed=cfg.seed + index,
                                            temperature=cfg.temperature, top_k=cfg.top_k,
-                                           top_p=cfg.top_p, progress=False)
+                                           top_p=cfg.top_p, refine_sweeps=cfg.refine_sweeps,
+                                           refine_candidates=cfg.refine_candidates,
+                                           refine_codebook=cfg.refine_codebook,
+                                           progress=False)
         except (ImageDecodeError, FileNotFoundError, ValueError) as error:
             row["error"] = str(error)
             log.warning("skipped %s: %s", path, error)
@@ -457,7 +464,7 @@ def super_resolve(cfg: DictConfig, shards: Shards) -> Path:
         result.save(out / f"{name}_sr.png")
         comparison_grid([[bicubic, result]], None, scale=1).save(out / f"{name}_pair.png")
         row.update(path=f"{name}_sr.png", pair=f"{name}_pair.png", size=list(result.size),
-                   seed=cfg.seed + index)
+                   seed=cfg.seed + index, refine_sweeps=cfg.refine_sweeps)
     return finish(out, rows, shards, "sr")
 
 
@@ -531,7 +538,8 @@ def evaluate_exports(cfg: DictConfig, shards: Shards) -> Path:
                   rerank_temperature=cfg.get("rerank_temperature"),
                   fid_features=cfg.fid_features, is_classifier=cfg.is_classifier,
                   caption_images=cfg.caption_images, sr_images=cfg.sr_images,
-                  sr_top_k=cfg.sr_top_k, caption_num_beams=cfg.caption_num_beams)
+                  sr_top_k=cfg.sr_top_k, sr_refine_sweeps=cfg.sr_refine_sweeps,
+                  caption_num_beams=cfg.caption_num_beams)
     runs = [Path(run) for run in (cfg.get("runs") or [])]
     if runs:
         from cogview.eval.plots import plot_loss_curves

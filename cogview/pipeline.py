@@ -375,6 +375,8 @@ class Pipeline:
     @mixed_precision
     def super_resolve(self, images, prompts: str | Sequence[str], seed: int = 0,
                       temperature: float = 1.0, top_k: int | None = 200, top_p: float = 1.0,
+                      refine_sweeps: int = 2, refine_candidates: int = 8,
+                      refine_codebook: int = 0,
                       max_inference_batch_size: int = 12, progress: bool = True,
                       callback: ProgressCallback | None = None) -> list[Image.Image]:
         """Token-space 2x super-resolution with an sr export: images (PIL or paths, any size
@@ -384,9 +386,21 @@ class Pipeline:
         An image of the model's window (e.g. 64 px for a 64 -> 128 px model) is one window;
         a larger one runs CogView's sliding 3x3 windows (each high-res code drawn once, each
         window continuing its neighbours). Image i uses seed ``seed + i``.
+
+        Consistency refinement (``refine_sweeps`` > 0, the default 2): every high-res code may
+        then become another of the model's ``refine_candidates`` most likely codes at its
+        place, the one whose pixels, downsampled, best match the input image around it
+        (`cogview.generation.superres.refine_sr_codes`). ``refine_sweeps=0``: the sampled codes.
+        ``refine_codebook`` > 0 adds as many candidates without the model: the codebook entries
+        nearest to the VQ-VAE's latents of the bicubic upsample.
         """
         from cogview.data.images import load_image, resize_center_crop, to_rgb
-        from cogview.generation.superres import plan_sr_windows, sliding_window_sr
+        from cogview.generation.superres import (check_refine_args, codebook_candidates,
+                                                 plan_sr_windows, refine_sr_codes,
+                                                 sliding_window_sr, sr_code_candidates)
+        from cogview.modules.vqvae import pil_to_tensor
+
+        check_refine_args(refine_sweeps, refine_candidates, refine_codebook)
 
         images, prompt_list = pair_prompts(images, prompts, "super-resolve")
         window_px = 8 * self.sr_window
@@ -404,15 +418,29 @@ class Pipeline:
         texts = [self.encode_prompt(p, f"prompt {i}") for i, p in enumerate(prompt_list)]
         lowres = self.encode_images(pictures)  # (B, L, L)
         per_image = len(plan_sr_windows(lowres.shape[1], self.sr_window)) * self.image_tokens
-        tracker = TokenProgress(callback, len(images) * per_image)
+        # progress: the high-res codes, then as much again for the refinement when it runs
+        tracker = TokenProgress(callback, len(images) * per_image * (2 if refine_sweeps else 1))
         indexed = list(range(len(images)))
 
         def draw(chunk: list[int]) -> list[Image.Image]:
+            chunk_texts = [texts[i] for i in chunk]
             highres = sliding_window_sr(
-                self.model, self.vocab, [texts[i] for i in chunk], lowres[chunk], self.sr_window,
+                self.model, self.vocab, chunk_texts, lowres[chunk], self.sr_window,
                 [seed + i for i in chunk], temperature=temperature, top_k=top_k, top_p=top_p,
                 max_text_len=self.max_text_len, text_slots=self.text_slots,
                 callback=tracker.chunk(len(chunk), per_image))
+            if refine_sweeps:
+                pixels = torch.stack([pil_to_tensor(pictures[i]) for i in chunk])
+                candidates = sr_code_candidates(
+                    self.model, self.vocab, chunk_texts, lowres[chunk], highres, self.sr_window,
+                    refine_candidates, max_text_len=self.max_text_len, text_slots=self.text_slots)
+                if refine_codebook:
+                    candidates = torch.cat([candidates, codebook_candidates(
+                        self.image_tokenizer, pixels, refine_codebook)], -1)
+                highres = refine_sr_codes(
+                    lambda codes: self.image_tokenizer.decode(codes.to(self.device)), highres,
+                    candidates, pixels, sweeps=refine_sweeps,
+                    callback=tracker.chunk(len(chunk), per_image))
             return self.decode_codes(highres)
 
         self.batch_sizer = BatchSizer(max_inference_batch_size)

@@ -24,12 +24,14 @@ def test_demo_smoke_budget_writes_report_and_reuses_stages(tmp_path, capsys):
     for split in scores["t2i"].values():
         assert {"one_sample", "rerank", "caps", "fid", "fid_k", "is"} <= set(split)
     assert set(scores["caption"]) == {"seen", "heldout", "two"}
-    assert {"psnr", "bicubic_psnr", "ssim"} <= set(scores["sr"]["seen"])
+    assert {"psnr", "unrefined_psnr", "bicubic_psnr", "bicubic_input_psnr",
+            "ssim"} <= set(scores["sr"]["seen"])
     assert [p["step"] for p in scores["curves"]["t2i"]] == [10, 20]
     assert [p["step"] for p in scores["curves"]["caption"]] == [5, 10]
     assert [p["step"] for p in scores["curves"]["sr"]] == [6]
     assert "two_exact_match" in scores["curves"]["caption"][0]
-    assert {"seen_psnr", "seen_bicubic_psnr"} <= set(scores["curves"]["sr"][0])
+    assert {"seen_psnr", "seen_unrefined_psnr", "seen_bicubic_psnr"} <= set(
+        scores["curves"]["sr"][0])
     for stage in ("vqvae", "t2i", "caption", "sr"):
         assert (tmp_path / "artifacts" / stage / "model.safetensors").is_file()
     capsys.readouterr()

@@ -180,7 +180,8 @@ def test_pipeline_super_resolves_one_window_and_sliding_windows(pipes):
     calls = []
     one = sr.super_resolve(noise_image(32), "红色", seed=1, progress=False,
                            callback=lambda d, t: calls.append((d, t)))
-    assert [image.size for image in one] == [(64, 64)] and calls[-1] == (64, 64)
+    # progress: 64 high-res codes, then as much again for the refinement
+    assert [image.size for image in one] == [(64, 64)] and calls[-1] == (128, 128)
     many = sr.super_resolve([noise_image(64, 1), noise_image(64, 2)], ["红色", "蓝色"],
                             seed=1, progress=False, max_inference_batch_size=1)
     assert [image.size for image in many] == [(128, 128)] * 2
@@ -215,3 +216,141 @@ def test_pipeline_completion_and_rerank(pipes):
         t2i("红色", num_images=2, reranker=caption, num_candidates=1, progress=False)
     with pytest.raises(ValueError, match="needs a reranker"):
         t2i("红色", num_images=2, num_candidates=4, progress=False)
+
+
+# ------------------------------------------------------------------------------ sr refinement
+
+
+def test_sr_code_candidates_are_each_windows_teacher_forced_top_k(model):
+    """Every high-res position gets the top-k codes of the window that generated it, given
+    that window's codes before it: the same as one unpadded forward pass per window."""
+    from cogview.generation.superres import sr_code_candidates
+    from cogview.tokenization.layouts import sr_layout
+
+    torch.manual_seed(3)
+    lowres = torch.randint(0, K, (2, 8, 8))
+    texts = [[1, 2, 3, 4], [5]]  # different lengths: the batch is padded
+    highres = torch.randint(0, K, (2, 16, 16))
+    got = sr_code_candidates(model, VOCAB, texts, lowres, highres, 4, 3)
+    assert got.shape == (2, 16, 16, 3)
+    expected = torch.full_like(got, -1)
+    first = VOCAB.image_range[0]
+    for win in plan_sr_windows(8, 4):
+        t, l, b, r = win.hr_box
+        for i in range(2):
+            layout = sr_layout(VOCAB, texts[i], lowres[i, win.top:win.top + 4,
+                                                      win.left:win.left + 4].reshape(-1),
+                               highres[i, t:b, l:r].reshape(-1))
+            ids = layout.input_ids[None]
+            with torch.no_grad():
+                logits = model(ids, layout.position_ids[None], torch.ones_like(ids, dtype=torch.bool))
+            where = (ids[0] >= first) & (ids[0] < first + K)
+            starts = where.nonzero()[:, 0][16:]  # the 64 high-res codes after the 16 low-res
+            top = logits[0, starts - 1, first:first + K].topk(3, -1).indices.view(8, 8, 3)
+            expected[i, t:b, l:r][win.new] = top[win.new]
+    assert (expected >= 0).all()
+    assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="expected"):
+        sr_code_candidates(model, VOCAB, texts, lowres, highres[:, :8], 4, 3)
+
+
+def paint(codes: torch.Tensor) -> torch.Tensor:
+    """A decoder whose code c is an 8x8 patch of grey level c / (K - 1): [N, h, w] -> pixels."""
+    grey = codes.float() / (K - 1)
+    return grey.repeat_interleave(8, -1).repeat_interleave(8, -2)[:, None].expand(-1, 3, -1, -1)
+
+
+def downsample(pixels: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.interpolate(pixels, scale_factor=0.5, mode="bicubic",
+                                           antialias=True, align_corners=False)
+
+
+def test_refinement_finds_the_codes_whose_pixels_match_the_low_res_input():
+    from cogview.generation.superres import refine_sr_codes
+
+    torch.manual_seed(4)
+    truth = torch.randint(0, K, (2, 6, 6))
+    lowres = downsample(paint(truth))  # [2, 3, 24, 24]
+    start = torch.randint(0, K, (2, 6, 6))
+    wrong = torch.randint(0, K, (2, 6, 6, 4))
+    rank = torch.randint(0, 5, (2, 6, 6, 1))  # the truth hides at a random rank of 5
+    candidates = torch.cat([wrong, wrong[..., :1]], -1).scatter(-1, rank, truth[..., None])
+    calls = []
+    refined = refine_sr_codes(paint, start, candidates, lowres, sweeps=5,
+                              callback=lambda d, t: calls.append((d, t)))
+    assert torch.equal(refined, truth)
+    assert calls[-1] == (45, 45) and len(calls) < 46  # converged sweeps end the search early
+    # a code stays unless a candidate matches better: from the truth, nothing moves
+    assert torch.equal(refine_sr_codes(paint, truth, wrong, lowres), truth)
+    assert torch.equal(refine_sr_codes(paint, start, candidates, lowres, sweeps=0), start)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(sweeps=-1), "sweeps=-1"), (dict(sweeps=True), "sweeps=True"),
+    (dict(candidates=torch.zeros(2, 6, 5, 2, dtype=torch.long)), "expected"),
+    (dict(lowres_pixels=torch.zeros(2, 3, 25, 24)), "multiples"),
+])
+def test_refinement_bad_arguments(kwargs, message):
+    from cogview.generation.superres import refine_sr_codes
+
+    args = dict(codes=torch.zeros(2, 6, 6, dtype=torch.long),
+                candidates=torch.zeros(2, 6, 6, 2, dtype=torch.long),
+                lowres_pixels=torch.zeros(2, 3, 24, 24), sweeps=2)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        refine_sr_codes(paint, **args)
+
+
+def test_pipeline_refines_the_sampled_codes_against_the_input_pixels(pipes):
+    """super_resolve = sliding windows, then the model's candidates, then the refinement
+    against the input image; refine_sweeps=0 keeps the sampled codes."""
+    from cogview.generation.superres import refine_sr_codes, sr_code_candidates
+    from cogview.modules.vqvae import pil_to_tensor
+
+    sr = pipes["sr"]
+    image = noise_image(32, 5)
+    texts = [sr.encode_prompt("红色")]
+    lowres = sr.encode_images([image])
+    sampled = sliding_window_sr(sr.model, sr.vocab, texts, lowres, sr.sr_window, [1],
+                                max_text_len=sr.max_text_len, text_slots=sr.text_slots)
+    candidates = sr_code_candidates(sr.model, sr.vocab, texts, lowres, sampled, sr.sr_window, 3,
+                                    max_text_len=sr.max_text_len, text_slots=sr.text_slots)
+    refined = refine_sr_codes(sr.image_tokenizer.decode, sampled, candidates,
+                              pil_to_tensor(image)[None], sweeps=1)
+    for sweeps, codes in ((0, sampled), (1, refined)):
+        (got,) = sr.super_resolve(image, "红色", seed=1, refine_sweeps=sweeps,
+                                  refine_candidates=3, progress=False)
+        assert np.array_equal(np.asarray(got), np.asarray(sr.decode_codes(codes)[0]))
+    (with_book,) = sr.super_resolve(image, "红色", seed=1, refine_sweeps=1, refine_candidates=3,
+                                    refine_codebook=2, progress=False)
+    from cogview.generation.superres import codebook_candidates
+
+    both = torch.cat([candidates, codebook_candidates(sr.image_tokenizer,
+                                                      pil_to_tensor(image)[None], 2)], -1)
+    expected = refine_sr_codes(sr.image_tokenizer.decode, sampled, both,
+                               pil_to_tensor(image)[None], sweeps=1)
+    assert np.array_equal(np.asarray(with_book), np.asarray(sr.decode_codes(expected)[0]))
+    for kwargs, message in ((dict(refine_sweeps=-1), "refine_sweeps=-1"),
+                            (dict(refine_candidates=0), "refine_candidates=0"),
+                            (dict(refine_codebook=-2), "refine_codebook=-2")):
+        with pytest.raises(ValueError, match=message):
+            sr.super_resolve(image, "红色", progress=False, **kwargs)
+
+
+def test_codebook_candidates_are_the_nearest_codes_of_the_bicubic_upsample(pipes):
+    from cogview.generation.superres import codebook_candidates
+    from cogview.modules.vqvae import pil_to_tensor
+
+    vq = pipes["sr"].image_tokenizer
+    pixels = torch.stack([pil_to_tensor(noise_image(32, s)) for s in (6, 7)])
+    got = codebook_candidates(vq, pixels, 4)
+    assert got.shape == (2, 8, 8, 4)
+    upsampled = torch.nn.functional.interpolate(pixels, scale_factor=2, mode="bicubic",
+                                                align_corners=False).clamp(0, 1)
+    assert torch.equal(got[..., 0], vq.encode(upsampled))  # the nearest is the encoder's code
+    latents = vq.encoder((upsampled - vq.pixel_mean) / vq.pixel_std).permute(0, 2, 3, 1)
+    distance = lambda codes: (vq.codebook[codes] - latents).pow(2).sum(-1)  # noqa: E731
+    for rank in range(3):  # nearest first
+        assert (distance(got[..., rank]) <= distance(got[..., rank + 1]) + 1e-5).all()
+    with pytest.raises(ValueError, match="count=0"):
+        codebook_candidates(vq, pixels, 0)

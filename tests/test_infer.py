@@ -170,6 +170,7 @@ def test_infer_sr_one_window_sliding_windows_and_from_results(exports, sr_export
                      f"output_dir={out}")
     rows = read_rows(out / "results.jsonl")
     assert [r.get("size") for r in rows] == [[64, 64], [128, 128], None]
+    assert [r.get("refine_sweeps") for r in rows[:2]] == [2, 2]  # the consistency refinement
     assert "error" in rows[2]
     for row in rows[:2]:
         assert Image.open(out / row["path"]).size == tuple(row["size"])
@@ -185,6 +186,9 @@ def test_infer_sr_one_window_sliding_windows_and_from_results(exports, sr_export
     with pytest.raises(ValueError, match="caption of every image"):
         infer_in_process("task=sr", f"ckpt={sr_export}", f"images=[{images}]",
                          f"output_dir={tmp_path / 'sr3'}")
+    with pytest.raises(ValueError, match="refine_sweeps=-1 must be an int >= 0"):
+        infer_in_process("task=sr", f"ckpt={sr_export}", f"images=[{images}]", "prompts=['红色']",
+                         "refine_sweeps=-1", f"output_dir={tmp_path / 'sr4'}")
 
 
 def test_infer_complete_writes_samples_and_a_picture_with_the_region(exports, tmp_path):

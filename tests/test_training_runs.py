@@ -137,7 +137,8 @@ def test_shapes_eval_scores_each_task_against_training_time(assets, sr_shards, t
     metrics = {"t2i": [f"{s}_full_match" for s in splits],
                "caption": [f"{s}_{m}" for s in splits for m in ("exact_match",
                                                                  "greedy_exact_match")],
-               "sr": [f"{s}_{m}" for s in splits for m in ("psnr", "bicubic_psnr")]}[task]
+               "sr": [f"{s}_{m}" for s in splits
+                      for m in ("psnr", "unrefined_psnr", "bicubic_psnr")]}[task]
     for point in curve:
         assert set(point) == {"step", "train_seconds", *metrics}
         if task != "sr":
@@ -154,6 +155,7 @@ def test_shapes_eval_scores_each_task_against_training_time(assets, sr_shards, t
                                 splits=("seen", "heldout", "two"), images_per_split=2,
                                 progress=False)
         for split, scores in exported.items():
-            assert curve[-1][f"{split}_psnr"] == pytest.approx(scores["psnr"], abs=2e-3)
+            for name in ("psnr", "unrefined_psnr"):
+                assert curve[-1][f"{split}_{name}"] == pytest.approx(scores[name], abs=2e-3)
             assert curve[-1][f"{split}_bicubic_psnr"] == pytest.approx(scores["bicubic_psnr"],
                                                                       abs=2e-3)

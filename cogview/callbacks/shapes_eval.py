@@ -5,8 +5,9 @@
   (``<split>_full_match``);
 - caption: captions of rendered scenes (the most likely of 4 beams, and greedy), parsed back
   to attributes (``<split>_exact_match``, ``<split>_greedy_exact_match``);
-- sr: 2x super-resolution of rendered scenes (``<split>_psnr`` beside
-  ``<split>_bicubic_psnr``), as ``cogview.eval.shapes_bench`` scores them.
+- sr: 2x super-resolution of rendered scenes (``<split>_psnr`` with the consistency
+  refinement, ``<split>_unrefined_psnr`` the sampled codes, beside ``<split>_bicubic_psnr``), as
+  ``cogview.eval.shapes_bench`` scores them.
 
     callbacks.shapes_eval:
       _target_: cogview.callbacks.ShapesOracleEval
@@ -144,7 +145,7 @@ class ShapesOracleEval(Callback):
             results = sr_benchmark(pipe, splits=self.splits, images_per_split=self.prompts_per_split,
                                    progress=False)
             return {f"{split}_{name}": round(float(r[name]), 3) for split, r in results.items()
-                    for name in ("psnr", "bicubic_psnr")}
+                    for name in ("psnr", "unrefined_psnr", "bicubic_psnr") if name in r}
         finally:
             pl_module.model.train(was_training)
 

@@ -228,7 +228,8 @@ def plot_quality_curves(curves: Mapping[str, Sequence[Mapping[str, float]]], out
     ``ShapesOracleEval`` writes ({"step", "train_seconds", "<split>_<metric>": value}).
 
     t2i: full match per split; caption: exact match per split (dashed line: the 90 % target);
-    sr: PSNR per split, with the split's bicubic PSNR as a dotted line of the same colour.
+    sr: PSNR per split (dashed: the sampled codes before the consistency refinement, when
+    logged), with the split's bicubic PSNR as a dotted line of the same colour.
     targets: optional {task: {split: value}}, dashed lines in the split's colour.
     Returns out_png.
     """
@@ -249,10 +250,15 @@ def plot_quality_curves(curves: Mapping[str, Sequence[Mapping[str, float]]], out
                 raise ValueError(f"a {task} curve point has no train_seconds: {dict(point)}")
         minutes = [point["train_seconds"] / 60 for point in points]
         splits = [key[: -len(metric) - 1] for key in points[0]
-                  if key.endswith(f"_{metric}") and not key.endswith(f"bicubic_{metric}")]
+                  if key.endswith(f"_{metric}") and not key.endswith(f"bicubic_{metric}")
+                  and not key.endswith(f"unrefined_{metric}")]
         for i, split in enumerate(splits):
             ax.plot(minutes, [point.get(f"{split}_{metric}", math.nan) for point in points],
                     marker="o", markersize=3, color=f"C{i}", label=split)
+            if any(f"{split}_unrefined_{metric}" in point for point in points):  # sr, refined
+                ax.plot(minutes, [point.get(f"{split}_unrefined_{metric}", math.nan)
+                                  for point in points], marker="x", markersize=3, linestyle="--",
+                        color=f"C{i}", alpha=0.6, label=f"{split} sampled codes")
             bicubic = [point.get(f"{split}_bicubic_{metric}") for point in points]
             if all(value is not None for value in bicubic):  # the same images at every point
                 ax.axhline(sum(bicubic) / len(bicubic), linestyle=":", color=f"C{i}",

@@ -20,9 +20,11 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cogview.generation.sampling import generate_sr
+from cogview.tokenization.layouts import collate_layouts, sr_layout
 from cogview.tokenization.vocab import CogViewVocab
 
 
@@ -116,3 +118,141 @@ def sliding_window_sr(model: nn.Module, vocab: CogViewVocab, text_ids_list: Sequ
                             known_codes=known, callback=report, text_slots=text_slots)  # (B, (2w)^2)
         highres[:, t:b, l:r] = codes.cpu().view(batch, hr_window, hr_window)
     return highres
+
+
+# ------------------------------------------------------------------------------------------------
+# consistency refinement: the model proposes codes, the low-res input picks among them
+
+@torch.inference_mode()
+def sr_code_candidates(model: nn.Module, vocab: CogViewVocab, text_ids_list: Sequence,
+                       lowres_grids: torch.Tensor, highres: torch.Tensor, window: int,
+                       num_candidates: int, *, max_text_len: int | None = None,
+                       text_slots: int | None = None) -> torch.Tensor:
+    """The sr model's ``num_candidates`` most likely codes at every high-res position, each
+    given the codes before it in ``highres`` (teacher forcing, window by window in the order
+    `sliding_window_sr` generated them) -> LongTensor [B, 2L, 2L, num_candidates], best first.
+    """
+    lowres_grids = torch.as_tensor(lowres_grids).long()
+    batch, side = lowres_grids.shape[0], lowres_grids.shape[1]
+    if tuple(highres.shape) != (batch, 2 * side, 2 * side):
+        raise ValueError(f"highres has shape {tuple(highres.shape)}; expected "
+                         f"{(batch, 2 * side, 2 * side)} for low-res grids of {side} codes per side")
+    if not 1 <= num_candidates <= vocab.num_image_codes:
+        raise ValueError(f"num_candidates={num_candidates} must be in 1..{vocab.num_image_codes}")
+    device = next(model.parameters()).device
+    first, last = vocab.image_range
+    out = torch.empty(*highres.shape, num_candidates, dtype=torch.long)
+    hr_window = 2 * window
+    for win in plan_sr_windows(side, window):
+        t, l, b, r = win.hr_box
+        lowres = lowres_grids[:, win.top:win.top + window, win.left:win.left + window]
+        codes = highres[:, t:b, l:r]
+        layouts = [sr_layout(vocab, text, low.reshape(-1), high.reshape(-1),
+                             max_text_len=max_text_len, text_slots=text_slots)
+                   for text, low, high in zip(text_ids_list, lowres, codes)]
+        ids = collate_layouts(layouts, vocab.pad_id, padding_side="left")  # rows end together
+        logits = model(ids["input_ids"].to(device), ids["position_ids"].to(device),
+                       ids["attention_mask"].to(device))
+        span = hr_window * hr_window  # the codes sit just before the final [EOI2]
+        image_logits = logits[:, -span - 2:-2, first:last].float()  # position t predicts t + 1
+        top = image_logits.topk(num_candidates, dim=-1).indices.cpu()
+        top = top.view(batch, hr_window, hr_window, num_candidates)
+        out[:, t:b, l:r][:, win.new] = top[:, win.new]
+    return out
+
+
+@torch.inference_mode()
+def codebook_candidates(vqvae: nn.Module, pixels: torch.Tensor, count: int) -> torch.Tensor:
+    """Candidates without the model: the ``count`` codebook entries nearest to the VQ-VAE
+    encoder's latents of the bicubic 2x upsample of ``pixels`` [B, 3, h, w] in [0, 1]
+    -> LongTensor [B, h/4, w/4, count], nearest first (the first is the upsample's own code)."""
+    if not 1 <= count <= vqvae.num_codes:
+        raise ValueError(f"count={count} must be in 1..{vqvae.num_codes} (codebook entries)")
+    device = vqvae.pixel_mean.device
+    upsampled = F.interpolate(pixels.float().to(device), scale_factor=2, mode="bicubic",
+                              align_corners=False).clamp(0, 1)
+    latents = vqvae.encoder((upsampled - vqvae.pixel_mean) / vqvae.pixel_std).float()
+    batch, _, height, width = latents.shape
+    flat = latents.flatten(2).transpose(1, 2)  # (B, H*W, D)
+    distances = torch.cdist(flat, vqvae.codebook.float()[None].expand(batch, -1, -1))
+    nearest = distances.topk(count, -1, largest=False).indices
+    return nearest.view(batch, height, width, count).cpu()
+
+
+def check_refine_args(sweeps, candidates, codebook: int = 0) -> None:
+    """Refuses refinement settings that are not ints in range, naming the value and the fix."""
+    for name, value, low in (("refine_sweeps", sweeps, 0), ("refine_candidates", candidates, 1),
+                             ("refine_codebook", codebook, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name}={value!r} must be an int >= {low}"
+                             + (" (0: no consistency refinement)" if low == 0 else ""))
+
+
+def _neighbourhood_error(pixels: torch.Tensor, target: torch.Tensor, grid: int) -> torch.Tensor:
+    """Squared error of pixels [N, 3, h, w] downsampled to target [N, 3, h', w'], summed over
+    each code's 3x3 code neighbourhood -> [N, grid, grid]."""
+    small = F.interpolate(pixels.float(), size=target.shape[-2:], mode="bicubic",
+                          antialias=True, align_corners=False)
+    error = (small - target).pow(2).sum(1, keepdim=True)  # (N, 1, h', w')
+    per_code = F.adaptive_avg_pool2d(error, grid) * (error.shape[-1] // grid) ** 2
+    return (F.avg_pool2d(F.pad(per_code, (1, 1, 1, 1)), 3, stride=1) * 9)[:, 0]
+
+
+@torch.inference_mode()
+def refine_sr_codes(decode: Callable[[torch.Tensor], torch.Tensor], codes: torch.Tensor,
+                    candidates: torch.Tensor, lowres_pixels: torch.Tensor, sweeps: int = 2,
+                    spacing: int = 3, max_decode_batch: int = 64,
+                    callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Consistency refinement (back-projection in code space): each high-res code becomes the
+    one of its candidates whose decoded pixels, downsampled to the input's size, best match the
+    low-res input around it; the current code stays unless a candidate does better.
+
+    decode: code grids [N, H, W] -> pixels [N, 3, 8H, 8W] in [0, 1] (``VQVAE.decode``).
+    codes [B, H, W]; candidates [B, H, W, k] (e.g. `sr_code_candidates`); lowres_pixels
+    [B, 3, h, w] in [0, 1] with h and w multiples of H and W (the input image). Codes
+    ``spacing`` apart change together (spacing^2 groups per sweep, a decode per candidate
+    each); a sweep that changes nothing ends the search. ``callback(done, total)`` counts groups.
+    Returns the refined codes [B, H, W].
+    """
+    if codes.dim() != 3 or tuple(candidates.shape[:3]) != tuple(codes.shape):
+        raise ValueError(f"codes {tuple(codes.shape)} and candidates {tuple(candidates.shape)}: "
+                         "expected [B, H, W] and [B, H, W, k]")
+    batch, height, width = codes.shape
+    if lowres_pixels.dim() != 4 or lowres_pixels.shape[0] != batch or \
+            lowres_pixels.shape[-2] % height or lowres_pixels.shape[-1] % width or height != width:
+        raise ValueError(f"lowres_pixels has shape {tuple(lowres_pixels.shape)}; expected "
+                         f"[{batch}, 3, h, w] with h, w multiples of the {height}x{width} code grid")
+    if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
+        raise ValueError(f"sweeps={sweeps!r} must be an int >= 0 (0: no refinement)")
+    current = codes.clone().cpu()
+    target = lowres_pixels.float().cpu()
+    if isinstance(spacing, bool) or not isinstance(spacing, int) or spacing < 1:
+        raise ValueError(f"spacing={spacing!r} must be a positive int (3: codes whose 3x3 "
+                         "neighbourhoods do not overlap change together)")
+    groups = [(a, b) for a in range(spacing) for b in range(spacing)]
+    total = sweeps * len(groups)
+    for sweep in range(sweeps):
+        changed = 0
+        for g, (a, b) in enumerate(groups):
+            group = (slice(None), slice(a, None, spacing), slice(b, None, spacing))
+            options = torch.cat([current[..., None], candidates.cpu()], -1)[group]
+            count = options.shape[-1]  # (B, h_g, w_g, C)
+            variants = current[:, None].repeat(1, count, 1, 1)  # (B, C, H, W)
+            variants[:, :, a::spacing, b::spacing] = options.permute(0, 3, 1, 2)
+            flat = variants.view(-1, height, width)
+            targets = target.repeat_interleave(count, 0)
+            errors = torch.cat([
+                _neighbourhood_error(decode(flat[i:i + max_decode_batch]).cpu(),
+                                     targets[i:i + max_decode_batch], height)
+                for i in range(0, len(flat), max_decode_batch)]).view(batch, count, height, width)
+            best = errors[:, :, a::spacing, b::spacing].argmin(1)  # (B, h_g, w_g); ties: current
+            chosen = options.gather(-1, best[..., None])[..., 0]
+            changed += int((chosen != current[group]).sum())
+            current[group] = chosen
+            if callback is not None:
+                callback(sweep * len(groups) + g + 1, total)
+        if not changed:
+            break
+    if callback is not None:
+        callback(total, total)
+    return current
