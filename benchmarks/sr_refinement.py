@@ -17,7 +17,8 @@ likely codes, and reports PSNR/SSIM after each sweep. Beside it:
   which says how much of the gain is the search and how much the model's proposals;
 - both candidate sets together, from the sampled codes (``refine_codebook=--candidates``).
 
-Times are per image, sampling vs refinement, on this machine only. Writes
+Times are per image, sampling (greedy codes and the candidates' teacher-forced pass) vs
+refinement (all sweeps), on this machine only. Writes
 bench_results/sr_refinement.json and a plot of PSNR against steps
 (bench_results/sr_refinement.png; the README shows a copy, docs/sr_refinement.png).
 """
@@ -88,7 +89,7 @@ def main() -> None:
             texts = [pipe.encode_prompt(p["caption"]) for p in prompts]
             lowres = pipe.encode_images(inputs)
             decoded = pipe.decode_codes(lowres)
-            with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16,
+            with torch.inference_mode(), torch.autocast(pipe.device.type, torch.bfloat16,
                                                         enabled=pipe.precision == "bf16-mixed"):
                 begin = time.perf_counter()
                 sampled = sliding_window_sr(pipe.model, pipe.vocab, texts, lowres, pipe.sr_window,

@@ -175,10 +175,10 @@ def jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
-def token_progress(progress, desc: str) -> Callable[[int, int], None]:
-    """A Pipeline callback(done_tokens, total_tokens) that moves a gr.Progress bar."""
+def token_progress(progress, desc: str, unit: str = "tokens") -> Callable[[int, int], None]:
+    """A Pipeline callback(done, total) (tokens, or steps) that moves a gr.Progress bar."""
     def callback(done: int, total: int) -> None:
-        progress((done, total), desc=desc, unit="tokens")
+        progress((done, total), desc=desc, unit=unit)
     return callback
 
 
@@ -332,7 +332,8 @@ class DemoApp:
                                        refine_sweeps=self.cfg.sr.get("refine_sweeps", 2),
                                        refine_candidates=self.cfg.sr.get("refine_candidates", 8),
                                        refine_codebook=self.cfg.sr.get("refine_codebook", 0),
-                                       callback=token_progress(progress, "high-res tokens, then refinement"),
+                                       callback=token_progress(
+                                           progress, "high-res codes, then refinement", "steps"),
                                        **self._sampling("sr"))[0]
         before = picture.resize(after.size, Image.Resampling.BICUBIC)
         rows = [{"id": 0, "prompt": prompt, "sample": 0, "seed": seed, "path": "00000_000.png"}]

@@ -438,6 +438,8 @@ def super_resolve(cfg: DictConfig, shards: Shards) -> Path:
                       cfg.refine_codebook)
     pairs = sr_inputs(cfg)
     pipe = load_pipeline(cfg)
+    check_refine_args(cfg.refine_sweeps, cfg.refine_candidates, cfg.refine_codebook,
+                      num_codes=pipe.vocab.num_image_codes)  # not once per image
     out = prepare_output(cfg, shards)
     rows = []
     for index in tqdm(shards.mine(len(pairs)), desc="super-resolving", unit="img"):
@@ -464,7 +466,8 @@ def super_resolve(cfg: DictConfig, shards: Shards) -> Path:
         result.save(out / f"{name}_sr.png")
         comparison_grid([[bicubic, result]], None, scale=1).save(out / f"{name}_pair.png")
         row.update(path=f"{name}_sr.png", pair=f"{name}_pair.png", size=list(result.size),
-                   seed=cfg.seed + index, refine_sweeps=cfg.refine_sweeps)
+                   seed=cfg.seed + index, refine_sweeps=cfg.refine_sweeps,
+                   refine_candidates=cfg.refine_candidates, refine_codebook=cfg.refine_codebook)
     return finish(out, rows, shards, "sr")
 
 
@@ -524,8 +527,10 @@ def evaluate_exports(cfg: DictConfig, shards: Shards) -> Path:
     """task=eval: the shapes-zh benchmark on the exports under cfg.ckpt (one export, or a folder
     with t2i/, caption/, sr/ such as artifacts/demo) -> eval.json, report.md and pictures."""
     from cogview.eval.shapes_bench import run
+    from cogview.generation.superres import check_refine_args
     from cogview.pipeline import find_exports
 
+    check_refine_args(cfg.sr_refine_sweeps, 8)  # before t2i and caption spend their time
     exports = find_exports(cfg.ckpt)
     out = prepare_output(cfg, shards)
     if shards.rank != 0:

@@ -375,7 +375,7 @@ class Pipeline:
     @mixed_precision
     def super_resolve(self, images, prompts: str | Sequence[str], seed: int = 0,
                       temperature: float = 1.0, top_k: int | None = 200, top_p: float = 1.0,
-                      refine_sweeps: int = 2, refine_candidates: int = 8,
+                      greedy: bool = False, refine_sweeps: int = 2, refine_candidates: int = 8,
                       refine_codebook: int = 0,
                       max_inference_batch_size: int = 12, progress: bool = True,
                       callback: ProgressCallback | None = None) -> list[Image.Image]:
@@ -385,7 +385,8 @@ class Pipeline:
 
         An image of the model's window (e.g. 64 px for a 64 -> 128 px model) is one window;
         a larger one runs CogView's sliding 3x3 windows (each high-res code drawn once, each
-        window continuing its neighbours). Image i uses seed ``seed + i``.
+        window continuing its neighbours). Image i uses seed ``seed + i``; ``greedy=True`` takes
+        the most likely code at every step instead (what the sr benchmark scores).
 
         Consistency refinement (``refine_sweeps`` > 0, the default 2): every high-res code may
         then become another of the model's ``refine_candidates`` most likely codes at its
@@ -400,7 +401,8 @@ class Pipeline:
                                                  sliding_window_sr, sr_code_candidates)
         from cogview.modules.vqvae import pil_to_tensor
 
-        check_refine_args(refine_sweeps, refine_candidates, refine_codebook)
+        check_refine_args(refine_sweeps, refine_candidates, refine_codebook,
+                          num_codes=self.vocab.num_image_codes)
 
         images, prompt_list = pair_prompts(images, prompts, "super-resolve")
         window_px = 8 * self.sr_window
@@ -427,7 +429,7 @@ class Pipeline:
             highres = sliding_window_sr(
                 self.model, self.vocab, chunk_texts, lowres[chunk], self.sr_window,
                 [seed + i for i in chunk], temperature=temperature, top_k=top_k, top_p=top_p,
-                max_text_len=self.max_text_len, text_slots=self.text_slots,
+                greedy=greedy, max_text_len=self.max_text_len, text_slots=self.text_slots,
                 callback=tracker.chunk(len(chunk), per_image))
             if refine_sweeps:
                 pixels = torch.stack([pil_to_tensor(pictures[i]) for i in chunk])
@@ -440,6 +442,7 @@ class Pipeline:
                 highres = refine_sr_codes(
                     lambda codes: self.image_tokenizer.decode(codes.to(self.device)), highres,
                     candidates, pixels, sweeps=refine_sweeps,
+                    max_decode_batch=len(chunk),  # no more at once than the final decode
                     callback=tracker.chunk(len(chunk), per_image))
             return self.decode_codes(highres)
 

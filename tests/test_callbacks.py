@@ -371,3 +371,13 @@ def test_wandb_logger_config_is_offline_under_the_run_directory(tmp_path):
     assert settings["name"] == f"{cfg.task.name}-run7" and settings["dir"] == str(tmp_path / "run7")
     assert settings["project"] == "cogview" and logger._offline
     assert logger._experiment is None  # W&B starts only when training logs
+
+
+def test_shapes_eval_rejects_bad_settings():
+    from cogview.callbacks import ShapesOracleEval
+
+    with pytest.raises(ValueError, match="refine_sweeps=-1"):
+        ShapesOracleEval(sr_refine_sweeps=-1)
+    with pytest.raises(ValueError, match="splits"):
+        ShapesOracleEval(splits=["nowhere"])
+    assert ShapesOracleEval(sr_refine_sweeps=0).sr_refine_sweeps == 0

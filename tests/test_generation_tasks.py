@@ -252,6 +252,10 @@ def test_sr_code_candidates_are_each_windows_teacher_forced_top_k(model):
     assert torch.equal(got, expected)
     with pytest.raises(ValueError, match="expected"):
         sr_code_candidates(model, VOCAB, texts, lowres, highres[:, :8], 4, 3)
+    with pytest.raises(ValueError, match="got 1 captions for 2 images"):
+        sr_code_candidates(model, VOCAB, texts[:1], lowres, highres, 4, 3)
+    with pytest.raises(ValueError, match="num_candidates=0"):
+        sr_code_candidates(model, VOCAB, texts, lowres, highres, 4, 0)
 
 
 def paint(codes: torch.Tensor) -> torch.Tensor:
@@ -280,6 +284,9 @@ def test_refinement_finds_the_codes_whose_pixels_match_the_low_res_input():
                               callback=lambda d, t: calls.append((d, t)))
     assert torch.equal(refined, truth)
     assert calls[-1] == (45, 45) and len(calls) < 46  # converged sweeps end the search early
+    # decoding the candidates in small chunks changes nothing
+    assert torch.equal(refine_sr_codes(paint, start, candidates, lowres, sweeps=5,
+                                       max_decode_batch=5), truth)
     # a code stays unless a candidate matches better: from the truth, nothing moves
     assert torch.equal(refine_sr_codes(paint, truth, wrong, lowres), truth)
     assert torch.equal(refine_sr_codes(paint, start, candidates, lowres, sweeps=0), start)
@@ -317,6 +324,7 @@ def test_pipeline_refines_the_sampled_codes_against_the_input_pixels(pipes):
                                     max_text_len=sr.max_text_len, text_slots=sr.text_slots)
     refined = refine_sr_codes(sr.image_tokenizer.decode, sampled, candidates,
                               pil_to_tensor(image)[None], sweeps=1)
+    assert not torch.equal(refined, sampled)  # the refinement has something to do here
     for sweeps, codes in ((0, sampled), (1, refined)):
         (got,) = sr.super_resolve(image, "红色", seed=1, refine_sweeps=sweeps,
                                   refine_candidates=3, progress=False)
@@ -329,10 +337,16 @@ def test_pipeline_refines_the_sampled_codes_against_the_input_pixels(pipes):
                                                       pil_to_tensor(image)[None], 2)], -1)
     expected = refine_sr_codes(sr.image_tokenizer.decode, sampled, both,
                                pil_to_tensor(image)[None], sweeps=1)
+    assert not torch.equal(expected, refined)  # the codebook's choices are used
     assert np.array_equal(np.asarray(with_book), np.asarray(sr.decode_codes(expected)[0]))
+    greedy = sliding_window_sr(sr.model, sr.vocab, texts, lowres, sr.sr_window, greedy=True,
+                               max_text_len=sr.max_text_len, text_slots=sr.text_slots)
+    (got,) = sr.super_resolve(image, "红色", greedy=True, refine_sweeps=0, progress=False)
+    assert np.array_equal(np.asarray(got), np.asarray(sr.decode_codes(greedy)[0]))
     for kwargs, message in ((dict(refine_sweeps=-1), "refine_sweeps=-1"),
                             (dict(refine_candidates=0), "refine_candidates=0"),
-                            (dict(refine_codebook=-2), "refine_codebook=-2")):
+                            (dict(refine_codebook=-2), "refine_codebook=-2"),
+                            (dict(refine_candidates=10 ** 6), "more than the 32 codebook")):
         with pytest.raises(ValueError, match=message):
             sr.super_resolve(image, "红色", progress=False, **kwargs)
 

@@ -186,6 +186,9 @@ def test_infer_sr_one_window_sliding_windows_and_from_results(exports, sr_export
     with pytest.raises(ValueError, match="caption of every image"):
         infer_in_process("task=sr", f"ckpt={sr_export}", f"images=[{images}]",
                          f"output_dir={tmp_path / 'sr3'}")
+    with pytest.raises(ValueError, match="refine_candidates=99999 is more than"):  # once, not per image
+        infer_in_process("task=sr", f"ckpt={sr_export}", f"images=[{images}]", "prompts=['红色']",
+                         "refine_candidates=99999", f"output_dir={tmp_path / 'sr5'}")
     with pytest.raises(ValueError, match="refine_sweeps=-1 must be an int >= 0"):
         infer_in_process("task=sr", f"ckpt={sr_export}", f"images=[{images}]", "prompts=['红色']",
                          "refine_sweeps=-1", f"output_dir={tmp_path / 'sr4'}")

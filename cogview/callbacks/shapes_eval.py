@@ -31,16 +31,22 @@ TASKS = ("t2i", "caption", "sr")
 class ShapesOracleEval(Callback):
     """Scores ``prompts_per_split`` canonical scenes per split every ``every_n_steps`` training
     steps (and at the end): t2i, caption and sr tasks. ``caption_num_beams``: beams for the
-    captions (None: the caption benchmark's default, 4; greedy is scored beside them)."""
+    captions (None: the caption benchmark's default, 4; greedy is scored beside them).
+    ``sr_refine_sweeps``: the sr consistency refinement (None: the benchmark's 2, with the
+    sampled codes' PSNR beside; 0: the sampled codes only, as ``<split>_psnr``)."""
 
     def __init__(self, every_n_steps: int = 500, prompts_per_split: int = 32,
                  splits: tuple[str, ...] | list[str] = SPLITS, seed: int = 0, top_k: int = 50,
                  temperature: float = 1.0, dirpath: str | None = None,
-                 caption_num_beams: int | None = None) -> None:
+                 caption_num_beams: int | None = None, sr_refine_sweeps: int | None = None) -> None:
         if caption_num_beams is not None:
             from cogview.generation.beam import check_num_beams
 
             check_num_beams(caption_num_beams)
+        if sr_refine_sweeps is not None:
+            from cogview.generation.superres import check_refine_args
+
+            check_refine_args(sr_refine_sweeps, 8)
         if every_n_steps < 1 or prompts_per_split < 1:
             raise ValueError(f"every_n_steps={every_n_steps} and prompts_per_split="
                              f"{prompts_per_split} must be positive")
@@ -51,6 +57,7 @@ class ShapesOracleEval(Callback):
         self.splits, self.seed, self.top_k, self.temperature = list(splits), seed, top_k, temperature
         self.dirpath = Path(dirpath) if dirpath else None
         self.caption_num_beams = caption_num_beams
+        self.sr_refine_sweeps = sr_refine_sweeps
         self.history: list[dict] = []
         self.train_seconds = 0.0
         self._started: float | None = None
@@ -127,7 +134,8 @@ class ShapesOracleEval(Callback):
 
     def evaluate_pipeline(self, trainer, pl_module) -> dict:
         """caption / sr: the benchmark's own scoring on the model being trained."""
-        from cogview.eval.shapes_bench import CAPTION_NUM_BEAMS, caption_benchmark, sr_benchmark
+        from cogview.eval.shapes_bench import (CAPTION_NUM_BEAMS, SR_REFINE_SWEEPS,
+                                               caption_benchmark, sr_benchmark)
 
         precision = str(trainer.precision)
         precision = ("bf16-mixed" if precision.startswith("bf16") else
@@ -142,8 +150,9 @@ class ShapesOracleEval(Callback):
                 return {f"{split}_{name}": round(float(r[name]), 4)
                         for split, r in results.items()
                         for name in ("exact_match", "greedy_exact_match") if name in r}
+            sweeps = SR_REFINE_SWEEPS if self.sr_refine_sweeps is None else self.sr_refine_sweeps
             results = sr_benchmark(pipe, splits=self.splits, images_per_split=self.prompts_per_split,
-                                   progress=False)
+                                   progress=False, refine_sweeps=sweeps)
             return {f"{split}_{name}": round(float(r[name]), 3) for split, r in results.items()
                     for name in ("psnr", "unrefined_psnr", "bicubic_psnr") if name in r}
         finally:

@@ -157,8 +157,8 @@ def sr_benchmark(pipe, splits=("seen", "two"), images_per_split: int = 16, seed:
     """2x super-resolution of rendered scenes (input: the render resized to half the target
     side, as the sr shards were made): PSNR/SSIM against the full-size render, beside bicubic
     upsampling of the decoded low-res input (what the model's tokens hold) and of the input
-    pixels themselves. Greedy by default (``top_k=1``): PSNR rewards the most likely codes
-    (on a 2500-step sr model greedy scored 1.2 dB above top-k 200 at temperature 1).
+    pixels themselves. Greedy (argmax) by default (``top_k=1``): PSNR rewards the most likely
+    codes (on a 2500-step sr model greedy scored 1.2 dB above top-k 200 at temperature 1).
 
     With ``refine_sweeps`` > 0 (the pipeline's consistency refinement against the input
     pixels) the scores without it are reported too (``unrefined_psnr``, ``unrefined_ssim``).
@@ -174,7 +174,8 @@ def sr_benchmark(pipe, splits=("seen", "two"), images_per_split: int = 16, seed:
 
         def upscale(sweeps: int) -> list[Image.Image]:
             return pipe.super_resolve(inputs, captions, seed=seed, top_k=top_k,
-                                      temperature=temperature, refine_sweeps=sweeps,
+                                      temperature=temperature, greedy=top_k == 1,
+                                      refine_sweeps=sweeps,
                                       refine_candidates=refine_candidates,
                                       max_inference_batch_size=batch_size, progress=progress)
 

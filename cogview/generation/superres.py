@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cogview.generation.sampling import generate_sr
+from cogview.generation.sampling import generate_sr, generation_mode
 from cogview.tokenization.layouts import collate_layouts, sr_layout
 from cogview.tokenization.vocab import CogViewVocab
 
@@ -133,32 +133,43 @@ def sr_code_candidates(model: nn.Module, vocab: CogViewVocab, text_ids_list: Seq
     `sliding_window_sr` generated them) -> LongTensor [B, 2L, 2L, num_candidates], best first.
     """
     lowres_grids = torch.as_tensor(lowres_grids).long()
+    if lowres_grids.dim() != 3 or lowres_grids.shape[1] != lowres_grids.shape[2]:
+        raise ValueError(f"lowres_grids has shape {tuple(lowres_grids.shape)}; expected "
+                         "[B, L, L] square code grids")
     batch, side = lowres_grids.shape[0], lowres_grids.shape[1]
+    if len(text_ids_list) != batch:
+        raise ValueError(f"got {len(text_ids_list)} captions for {batch} images; pass one each")
     if tuple(highres.shape) != (batch, 2 * side, 2 * side):
         raise ValueError(f"highres has shape {tuple(highres.shape)}; expected "
                          f"{(batch, 2 * side, 2 * side)} for low-res grids of {side} codes per side")
-    if not 1 <= num_candidates <= vocab.num_image_codes:
-        raise ValueError(f"num_candidates={num_candidates} must be in 1..{vocab.num_image_codes}")
+    check_candidate_count("num_candidates", num_candidates, vocab.num_image_codes)
     device = next(model.parameters()).device
-    first, last = vocab.image_range
     out = torch.empty(*highres.shape, num_candidates, dtype=torch.long)
     hr_window = 2 * window
-    for win in plan_sr_windows(side, window):
-        t, l, b, r = win.hr_box
-        lowres = lowres_grids[:, win.top:win.top + window, win.left:win.left + window]
-        codes = highres[:, t:b, l:r]
-        layouts = [sr_layout(vocab, text, low.reshape(-1), high.reshape(-1),
-                             max_text_len=max_text_len, text_slots=text_slots)
-                   for text, low, high in zip(text_ids_list, lowres, codes)]
-        ids = collate_layouts(layouts, vocab.pad_id, padding_side="left")  # rows end together
-        logits = model(ids["input_ids"].to(device), ids["position_ids"].to(device),
-                       ids["attention_mask"].to(device))
-        span = hr_window * hr_window  # the codes sit just before the final [EOI2]
-        image_logits = logits[:, -span - 2:-2, first:last].float()  # position t predicts t + 1
-        top = image_logits.topk(num_candidates, dim=-1).indices.cpu()
-        top = top.view(batch, hr_window, hr_window, num_candidates)
-        out[:, t:b, l:r][:, win.new] = top[:, win.new]
+    span = hr_window * hr_window  # a window's codes sit just before its final [EOI2]
+    with generation_mode(model):
+        for win in plan_sr_windows(side, window):
+            t, l, b, r = win.hr_box
+            lowres = lowres_grids[:, win.top:win.top + window, win.left:win.left + window]
+            codes = highres[:, t:b, l:r]
+            layouts = [sr_layout(vocab, text, low.reshape(-1), high.reshape(-1),
+                                 max_text_len=max_text_len, text_slots=text_slots)
+                       for text, low, high in zip(text_ids_list, lowres, codes)]
+            ids = collate_layouts(layouts, vocab.pad_id, padding_side="left")  # rows end together
+            logits = model(ids["input_ids"].to(device), ids["position_ids"].to(device),
+                           ids["attention_mask"].to(device),
+                           logits_range=vocab.image_range)  # image codes only: (B, T, K)
+            image_logits = logits[:, -span - 2:-2].float()  # position t predicts t + 1
+            top = image_logits.topk(num_candidates, dim=-1).indices.cpu()
+            top = top.view(batch, hr_window, hr_window, num_candidates)
+            out[:, t:b, l:r][:, win.new] = top[:, win.new]
     return out
+
+
+def check_candidate_count(name: str, value, limit: int) -> None:
+    """Candidates per position: an int in 1..limit (the codebook size)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+        raise ValueError(f"{name}={value!r} must be an int in 1..{limit} (codebook entries)")
 
 
 @torch.inference_mode()
@@ -166,26 +177,34 @@ def codebook_candidates(vqvae: nn.Module, pixels: torch.Tensor, count: int) -> t
     """Candidates without the model: the ``count`` codebook entries nearest to the VQ-VAE
     encoder's latents of the bicubic 2x upsample of ``pixels`` [B, 3, h, w] in [0, 1]
     -> LongTensor [B, h/4, w/4, count], nearest first (the first is the upsample's own code)."""
-    if not 1 <= count <= vqvae.num_codes:
-        raise ValueError(f"count={count} must be in 1..{vqvae.num_codes} (codebook entries)")
+    check_candidate_count("count", count, vqvae.num_codes)
     device = vqvae.pixel_mean.device
     upsampled = F.interpolate(pixels.float().to(device), scale_factor=2, mode="bicubic",
                               align_corners=False).clamp(0, 1)
     latents = vqvae.encoder((upsampled - vqvae.pixel_mean) / vqvae.pixel_std).float()
-    batch, _, height, width = latents.shape
-    flat = latents.flatten(2).transpose(1, 2)  # (B, H*W, D)
-    distances = torch.cdist(flat, vqvae.codebook.float()[None].expand(batch, -1, -1))
-    nearest = distances.topk(count, -1, largest=False).indices
+    batch, dim, height, width = latents.shape
+    flat = latents.permute(0, 2, 3, 1).reshape(-1, dim)  # (B*H*W, D)
+    codebook = vqvae.codebook.float()
+    rows = max(1, 2 ** 24 // codebook.shape[0])  # distance matrices of at most 16M entries
+    nearest = torch.cat([torch.cdist(flat[i:i + rows], codebook).topk(count, -1,
+                                                                       largest=False).indices
+                         for i in range(0, len(flat), rows)])
     return nearest.view(batch, height, width, count).cpu()
 
 
-def check_refine_args(sweeps, candidates, codebook: int = 0) -> None:
-    """Refuses refinement settings that are not ints in range, naming the value and the fix."""
+def check_refine_args(sweeps, candidates, codebook: int = 0,
+                      num_codes: int | None = None) -> None:
+    """Refuses refinement settings that are not ints in range, naming the value and the fix
+    (``num_codes``: the codebook size, the most candidates there are)."""
     for name, value, low in (("refine_sweeps", sweeps, 0), ("refine_candidates", candidates, 1),
                              ("refine_codebook", codebook, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name}={value!r} must be an int >= {low}"
-                             + (" (0: no consistency refinement)" if low == 0 else ""))
+                             + (" (0: no consistency refinement)" if name == "refine_sweeps"
+                                else " (0: none)" if low == 0 else ""))
+        if num_codes is not None and name != "refine_sweeps" and value > num_codes:
+            raise ValueError(f"{name}={value} is more than the {num_codes} codebook entries; "
+                             f"use at most {num_codes}")
 
 
 def _neighbourhood_error(pixels: torch.Tensor, target: torch.Tensor, grid: int) -> torch.Tensor:
@@ -205,7 +224,9 @@ def refine_sr_codes(decode: Callable[[torch.Tensor], torch.Tensor], codes: torch
                     callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Consistency refinement (back-projection in code space): each high-res code becomes the
     one of its candidates whose decoded pixels, downsampled to the input's size, best match the
-    low-res input around it; the current code stays unless a candidate does better.
+    low-res input over its 3x3 code neighbourhood; the current code stays unless a candidate
+    does better. Each candidate is scored with the group's other codes set to their candidate
+    of the same rank, so the choice is approximate where a decoder's reach spans 3 codes.
 
     decode: code grids [N, H, W] -> pixels [N, 3, 8H, 8W] in [0, 1] (``VQVAE.decode``).
     codes [B, H, W]; candidates [B, H, W, k] (e.g. `sr_code_candidates`); lowres_pixels
@@ -220,8 +241,9 @@ def refine_sr_codes(decode: Callable[[torch.Tensor], torch.Tensor], codes: torch
     batch, height, width = codes.shape
     if lowres_pixels.dim() != 4 or lowres_pixels.shape[0] != batch or \
             lowres_pixels.shape[-2] % height or lowres_pixels.shape[-1] % width or height != width:
-        raise ValueError(f"lowres_pixels has shape {tuple(lowres_pixels.shape)}; expected "
-                         f"[{batch}, 3, h, w] with h, w multiples of the {height}x{width} code grid")
+        raise ValueError(f"lowres_pixels has shape {tuple(lowres_pixels.shape)} for a "
+                         f"{height}x{width} code grid; expected [{batch}, 3, h, w] with h and w "
+                         "multiples of a square code grid")
     if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
         raise ValueError(f"sweeps={sweeps!r} must be an int >= 0 (0: no refinement)")
     current = codes.clone().cpu()
@@ -241,10 +263,12 @@ def refine_sr_codes(decode: Callable[[torch.Tensor], torch.Tensor], codes: torch
             variants[:, :, a::spacing, b::spacing] = options.permute(0, 3, 1, 2)
             flat = variants.view(-1, height, width)
             targets = target.repeat_interleave(count, 0)
-            errors = torch.cat([
-                _neighbourhood_error(decode(flat[i:i + max_decode_batch]).cpu(),
-                                     targets[i:i + max_decode_batch], height)
-                for i in range(0, len(flat), max_decode_batch)]).view(batch, count, height, width)
+            errors = []
+            for i in range(0, len(flat), max_decode_batch):
+                pixels = decode(flat[i:i + max_decode_batch])  # compared where it was decoded
+                errors.append(_neighbourhood_error(
+                    pixels, targets[i:i + max_decode_batch].to(pixels.device), height).cpu())
+            errors = torch.cat(errors).view(batch, count, height, width)
             best = errors[:, :, a::spacing, b::spacing].argmin(1)  # (B, h_g, w_g); ties: current
             chosen = options.gather(-1, best[..., None])[..., 0]
             changed += int((chosen != current[group]).sum())
