@@ -346,7 +346,7 @@ def test_pipeline_refines_the_sampled_codes_against_the_input_pixels(pipes):
     for kwargs, message in ((dict(refine_sweeps=-1), "refine_sweeps=-1"),
                             (dict(refine_candidates=0), "refine_candidates=0"),
                             (dict(refine_codebook=-2), "refine_codebook=-2"),
-                            (dict(refine_candidates=10 ** 6), "more than the 32 codebook")):
+                            (dict(refine_candidates=10 ** 6), "more than the 64 codebook")):
         with pytest.raises(ValueError, match=message):
             sr.super_resolve(image, "红色", progress=False, **kwargs)
 
