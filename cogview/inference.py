@@ -431,11 +431,8 @@ def super_resolve(cfg: DictConfig, shards: Shards) -> Path:
     windows for images larger than the model's window); writes <i>_sr.png, a before/after
     picture (bicubic 2x | sr) and results.jsonl (id, source, prompt, path, pair, size)."""
     from cogview.data.images import load_image
-
     from cogview.generation.superres import check_refine_args
 
-    check_refine_args(cfg.refine_sweeps, cfg.refine_candidates,  # before any image or model
-                      cfg.refine_codebook)
     pairs = sr_inputs(cfg)
     pipe = load_pipeline(cfg)
     check_refine_args(cfg.refine_sweeps, cfg.refine_candidates, cfg.refine_codebook,
@@ -530,7 +527,7 @@ def evaluate_exports(cfg: DictConfig, shards: Shards) -> Path:
     from cogview.generation.superres import check_refine_args
     from cogview.pipeline import find_exports
 
-    check_refine_args(cfg.sr_refine_sweeps, 8)  # before t2i and caption spend their time
+    check_refine_args(cfg.sr_refine_sweeps)  # before t2i and caption spend their time
     exports = find_exports(cfg.ckpt)
     out = prepare_output(cfg, shards)
     if shards.rank != 0:

@@ -440,7 +440,7 @@ class Pipeline:
                     candidates = torch.cat([candidates, codebook_candidates(
                         self.image_tokenizer, pixels, refine_codebook)], -1)
                 highres = refine_sr_codes(
-                    lambda codes: self.image_tokenizer.decode(codes.to(self.device)), highres,
+                    self.image_tokenizer.decode, highres,  # decode moves codes to the VQ-VAE
                     candidates, pixels, sweeps=refine_sweeps,
                     max_decode_batch=len(chunk),  # no more at once than the final decode
                     callback=tracker.chunk(len(chunk), per_image))

@@ -46,7 +46,7 @@ class ShapesOracleEval(Callback):
         if sr_refine_sweeps is not None:
             from cogview.generation.superres import check_refine_args
 
-            check_refine_args(sr_refine_sweeps, 8)
+            check_refine_args(sr_refine_sweeps)
         if every_n_steps < 1 or prompts_per_split < 1:
             raise ValueError(f"every_n_steps={every_n_steps} and prompts_per_split="
                              f"{prompts_per_split} must be positive")

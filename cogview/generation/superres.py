@@ -76,6 +76,18 @@ def plan_sr_windows(lowres_side: int, window: int) -> list[SRWindow]:
     return plan
 
 
+def _square_grids(lowres_grids, text_ids_list: Sequence) -> tuple[torch.Tensor, int, int]:
+    """Low-res code grids [B, L, L] with one caption each -> (grids as long, B, L)."""
+    lowres_grids = torch.as_tensor(lowres_grids).long()
+    if lowres_grids.dim() != 3 or lowres_grids.shape[1] != lowres_grids.shape[2]:
+        raise ValueError(f"lowres_grids has shape {tuple(lowres_grids.shape)}; expected "
+                         "[B, L, L] square code grids")
+    batch, side = lowres_grids.shape[0], lowres_grids.shape[1]
+    if len(text_ids_list) != batch:
+        raise ValueError(f"got {len(text_ids_list)} captions for {batch} images; pass one each")
+    return lowres_grids, batch, side
+
+
 @torch.inference_mode()
 def sliding_window_sr(model: nn.Module, vocab: CogViewVocab, text_ids_list: Sequence,
                       lowres_grids: torch.Tensor, window: int, seeds: Sequence[int] | None = None,
@@ -90,13 +102,7 @@ def sliding_window_sr(model: nn.Module, vocab: CogViewVocab, text_ids_list: Sequ
     windows of one image do not repeat each other's random numbers. ``callback(done, total)``
     counts high-res codes over all windows.
     """
-    lowres_grids = torch.as_tensor(lowres_grids).long()
-    if lowres_grids.dim() != 3 or lowres_grids.shape[1] != lowres_grids.shape[2]:
-        raise ValueError(f"lowres_grids has shape {tuple(lowres_grids.shape)}; expected "
-                         "[B, L, L] square code grids")
-    batch, side = lowres_grids.shape[0], lowres_grids.shape[1]
-    if len(text_ids_list) != batch:
-        raise ValueError(f"got {len(text_ids_list)} captions for {batch} images; pass one each")
+    lowres_grids, batch, side = _square_grids(lowres_grids, text_ids_list)
     plan = plan_sr_windows(side, window)
     hr_side, hr_window = 2 * side, 2 * window
     highres = torch.full((batch, hr_side, hr_side), -1, dtype=torch.long)  # -1: not yet sampled
@@ -132,13 +138,7 @@ def sr_code_candidates(model: nn.Module, vocab: CogViewVocab, text_ids_list: Seq
     given the codes before it in ``highres`` (teacher forcing, window by window in the order
     `sliding_window_sr` generated them) -> LongTensor [B, 2L, 2L, num_candidates], best first.
     """
-    lowres_grids = torch.as_tensor(lowres_grids).long()
-    if lowres_grids.dim() != 3 or lowres_grids.shape[1] != lowres_grids.shape[2]:
-        raise ValueError(f"lowres_grids has shape {tuple(lowres_grids.shape)}; expected "
-                         "[B, L, L] square code grids")
-    batch, side = lowres_grids.shape[0], lowres_grids.shape[1]
-    if len(text_ids_list) != batch:
-        raise ValueError(f"got {len(text_ids_list)} captions for {batch} images; pass one each")
+    lowres_grids, batch, side = _square_grids(lowres_grids, text_ids_list)
     if tuple(highres.shape) != (batch, 2 * side, 2 * side):
         raise ValueError(f"highres has shape {tuple(highres.shape)}; expected "
                          f"{(batch, 2 * side, 2 * side)} for low-res grids of {side} codes per side")
@@ -192,7 +192,7 @@ def codebook_candidates(vqvae: nn.Module, pixels: torch.Tensor, count: int) -> t
     return nearest.view(batch, height, width, count).cpu()
 
 
-def check_refine_args(sweeps, candidates, codebook: int = 0,
+def check_refine_args(sweeps, candidates: int = 1, codebook: int = 0,
                       num_codes: int | None = None) -> None:
     """Refuses refinement settings that are not ints in range, naming the value and the fix
     (``num_codes``: the codebook size, the most candidates there are)."""
@@ -247,7 +247,9 @@ def refine_sr_codes(decode: Callable[[torch.Tensor], torch.Tensor], codes: torch
     if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
         raise ValueError(f"sweeps={sweeps!r} must be an int >= 0 (0: no refinement)")
     current = codes.clone().cpu()
-    target = lowres_pixels.float().cpu()
+    candidates = candidates.cpu()
+    count = candidates.shape[-1] + 1  # the current code, then the candidates
+    targets = lowres_pixels.float().cpu().repeat_interleave(count, 0)  # one per variant
     if isinstance(spacing, bool) or not isinstance(spacing, int) or spacing < 1:
         raise ValueError(f"spacing={spacing!r} must be a positive int (3: codes whose 3x3 "
                          "neighbourhoods do not overlap change together)")
@@ -257,12 +259,10 @@ def refine_sr_codes(decode: Callable[[torch.Tensor], torch.Tensor], codes: torch
         changed = 0
         for g, (a, b) in enumerate(groups):
             group = (slice(None), slice(a, None, spacing), slice(b, None, spacing))
-            options = torch.cat([current[..., None], candidates.cpu()], -1)[group]
-            count = options.shape[-1]  # (B, h_g, w_g, C)
+            options = torch.cat([current[..., None], candidates], -1)[group]  # (B, h_g, w_g, C)
             variants = current[:, None].repeat(1, count, 1, 1)  # (B, C, H, W)
             variants[:, :, a::spacing, b::spacing] = options.permute(0, 3, 1, 2)
             flat = variants.view(-1, height, width)
-            targets = target.repeat_interleave(count, 0)
             errors = []
             for i in range(0, len(flat), max_decode_batch):
                 pixels = decode(flat[i:i + max_decode_batch])  # compared where it was decoded
