@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.cogview-installed
 EXT_SOURCES := $(wildcard cogview/csrc/*.cpp cogview/csrc/*.h cogview/csrc/*.cu)
 PYTEST_ARGS ?=
 
-.PHONY: install demo app test test-all bench bench-quality check-cuda clean
+.PHONY: install demo app test test-all test-emulated bench bench-quality check-cuda clean
 
 install: $(STAMP)
 
@@ -32,6 +32,12 @@ test: install check-cuda
 
 test-all: install
 	$(PY) -m pytest -m "" $(PYTEST_ARGS)
+
+# The kernel on emulated CPUs without AVX-512 / AVX2 (Debian's qemu-user; about 5 minutes).
+test-emulated: install
+	command -v qemu-x86_64 >/dev/null || { S=$$([ "$$(id -u)" -ne 0 ] && echo sudo); \
+	    $$S apt-get update -q && $$S apt-get install -y -q qemu-user; }
+	$(PY) -m pytest -m emulated $(PYTEST_ARGS)
 
 # Side-by-side benchmarks (JSON in bench_results/); the VQ-VAE quality run trains for 10 minutes.
 bench: install

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -10,21 +11,23 @@ from pathlib import Path
 
 import torch
 
+from cogview.cpu import cpu_summary
+from cogview.modules import pb_relax
+from cogview.modules.pb_relax import has_kernel
+from cogview.precision import auto_precision
+
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "bench_results"
 
 
 def machine_info() -> dict:
-    """CPU model, core count, torch version and threads: numbers are only meaningful beside it."""
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads(),
+    """CPU model, ISA level and native-bf16 flag, the precision ``auto`` picks, the kernel
+    build in use, torch version and threads: numbers are only meaningful beside these."""
+    info = {**cpu_summary(), "precision_auto": auto_precision("cpu")[0],
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "platform": platform.platform(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    if has_kernel("cpu"):
+        info["pb_relax_cpu_build"] = pb_relax._C.cpu_capability()
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info

@@ -17,8 +17,6 @@ Targets: loader >= 10x consumption and >= 5,000 samples/s per worker. Writes JSO
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import machine_info, write_json  # noqa: E402
+from cogview.precision import resolve_precision  # noqa: E402
 from cogview.data.datamodule import TokenDataModule  # noqa: E402
 from cogview.data.pretokenize import pretokenize  # noqa: E402
 from cogview.modules.transformer import CogViewTransformer, TransformerConfig  # noqa: E402
@@ -76,7 +75,8 @@ def loader_rate(shards: Path, batch_size: int, num_workers: int, seconds: float)
 
 
 def training_rate(shards: Path, batch_size: int, seconds: float) -> dict:
-    """Samples/s of forward + loss + backward + AdamW on the tiny model, bf16 autocast on CPU."""
+    """Samples/s of forward + loss + backward + AdamW on the tiny model, autocast as
+    ``precision: auto`` picks on this CPU (bf16 where native, else fp32)."""
     dm = datamodule(shards, batch_size, 0)
     batches = iter(dm.train_dataloader())
     cached = [next(batches) for _ in range(8)]  # the loader is timed separately
@@ -84,9 +84,10 @@ def training_rate(shards: Path, batch_size: int, seconds: float) -> dict:
     model = CogViewTransformer(TransformerConfig(num_layers=4, hidden_size=128, num_heads=4,
                                                  vocab_size=dm.vocab.size, max_positions=max_len))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    bf16 = resolve_precision("auto", "cpu") == "bf16-mixed"
 
     def step(batch) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"])
         targets = batch["input_ids"][:, 1:]  # (B, T-1)
         mask = batch["loss_mask"][:, 1:]
@@ -107,7 +108,8 @@ def training_rate(shards: Path, batch_size: int, seconds: float) -> dict:
     lengths = [b["input_ids"].shape[1] for b in cached]
     return {"samples_per_s": count / elapsed, "steps": steps, "ms_per_step": 1e3 * elapsed / steps,
             "padded_length_mean": sum(lengths) / len(lengths), "max_positions": max_len,
-            "parameters": sum(p.numel() for p in model.parameters())}
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "precision": "bf16-mixed" if bf16 else "32-true"}
 
 
 def main() -> None:
@@ -133,15 +135,14 @@ def main() -> None:
             print(f"loader  workers={workers}: {rate:10.0f} samples/s", flush=True)
         torch.set_num_threads(args.threads)
         training = training_rate(shards, args.batch_size, args.seconds)
-        print(f"training (tiny model, bf16 autocast, {args.threads} threads): "
+        print(f"training (tiny model, {training['precision']}, {args.threads} threads): "
               f"{training['samples_per_s']:.0f} samples/s", flush=True)
 
     by_workers = {row["num_workers"]: row for row in loader}
     consumption = training["samples_per_s"]
     result = {
         "benchmark": "data_loader",
-        "machine": {**machine_info(), "cpu_count": os.cpu_count(),
-                    "platform": platform.platform()},
+        "machine": machine_info(),
         "config": {"samples": args.samples, "size": args.size, "batch_size": args.batch_size,
                    "seconds": args.seconds, "training_threads": args.threads,
                    "layout": "t2i", "shuffle_buffer": SHUFFLE_BUFFER,

@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import interleaved_medians  # noqa: E402
+from benchmarks.common import interleaved_medians, machine_info  # noqa: E402
 from cogview.modules import pb_relax  # noqa: E402
 from cogview.modules.pb_relax import (  # noqa: E402
     has_kernel,
@@ -85,16 +83,6 @@ def timed_calls(softmax, scores: torch.Tensor, grad: torch.Tensor, before=lambda
         softmax(leaf).backward(grad)
 
     return forward, forward_backward
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def bench_cpu(warmup: int, repeats: int) -> list[dict]:
@@ -233,18 +221,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     torch.set_num_threads(args.threads)
 
-    machine = {
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "kernel_cpu_build": pb_relax._C.cpu_capability(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
-    print(f"CPU: {machine['cpu_model']}, {machine['torch_threads']} torch threads, "
-          f"kernel build {machine['kernel_cpu_build']} (times in ms, median of {args.repeats})")
+    machine = {**machine_info(), "python": platform.python_version(),
+               "kernel_dispatch": pb_relax._C.cpu_dispatch_info()}
+    print(f"CPU: {machine['cpu']} ({machine['cpu_isa']}, native bf16: {machine['cpu_native_bf16']}), "
+          f"{machine['threads']} torch threads, kernel build {machine['pb_relax_cpu_build']} "
+          f"(times in ms, median of {args.repeats})")
     print(f"{'shape':<12}{'dtype':<9}{'fused':>8}{'eager':>8}{'softmax':>8} |"
           f"{'fused':>8}{'eager':>8}{'softmax':>8} |{'eager/fus':>10}{'fus/smax':>10}  targets"
           "   [fused fwd/fwd+bwd per CPU build]")

@@ -14,8 +14,6 @@ Writes JSON and prints a table.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -99,8 +97,7 @@ def main() -> None:
 
     result = {
         "benchmark": "pretokenize",
-        "machine": {**machine_info(), "cpu_count": os.cpu_count(),
-                    "platform": platform.platform()},
+        "machine": machine_info(),
         "config": {"samples": args.samples, "size": args.size, "batch_size": args.batch_size,
                    "encoder_threads": args.threads, "vqvae": "tiny preset (random weights)",
                    "source": "shapes-zh train"},

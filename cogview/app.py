@@ -89,7 +89,7 @@ class DemoModels:
 
     @classmethod
     def load(cls, ckpt: str | Path, device: str = "cpu", dtype=None,
-             precision: str = "bf16-mixed") -> "DemoModels":
+             precision: str = "auto") -> "DemoModels":
         """Loads every export that ``find_exports(ckpt)`` finds."""
         sources = find_exports(ckpt)
         pipes = {task: Pipeline.from_pretrained(path, device=device, dtype=dtype,

@@ -143,7 +143,7 @@ def load_pipeline(cfg: DictConfig, ckpt: str | None = None, task: str | None = N
 
     ckpt, task = ckpt or cfg.ckpt, task or cfg.task.name
     pipe = Pipeline.from_pretrained(ckpt, device=device_for(cfg), dtype=cfg.get("dtype"),
-                                    precision=cfg.get("precision") or "bf16-mixed")
+                                    precision=cfg.get("precision") or "auto")
     if pipe.task != task:
         log.warning("ckpt=%s was exported by a %s run but is used for %s", ckpt, pipe.task, task)
     return pipe

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from cogview.generation.batching import BatchSizer, run_in_batches
+from cogview.precision import AUTO, AUTOCAST_DTYPES, resolve_precision, warn_if_emulated
 
 log = logging.getLogger(__name__)
 EXPORT_CONFIG = "cogview.json"
@@ -86,7 +87,7 @@ def grid_side(image_tokens: int) -> int:
 
 
 ProgressCallback = Callable[[int, int], None]
-PRECISIONS = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16, "32-true": None}
+PRECISIONS = {**AUTOCAST_DTYPES, "32-true": None}  # "auto" resolves to one of these
 
 
 def mixed_precision(method):
@@ -161,7 +162,7 @@ class Pipeline:
     """A CogViewTransformer with its text tokenizer, VQ-VAE and vocabulary, ready to sample."""
 
     def __init__(self, model, text_tokenizer, image_tokenizer, vocab, info: dict,
-                 device: str | torch.device = "cpu", precision: str = "bf16-mixed") -> None:
+                 device: str | torch.device = "cpu", precision: str = AUTO) -> None:
         self.model = model.eval()
         self.text_tokenizer = text_tokenizer
         self.image_tokenizer = image_tokenizer.eval()
@@ -171,21 +172,22 @@ class Pipeline:
         self.max_text_len = info.get("max_text_len")
         self.text_slots = info.get("text_slots")  # None: sequential positions (CogView's)
         self.device = torch.device(device)
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision={precision!r} must be one of {sorted(PRECISIONS)}")
-        self.precision = precision
+        if precision != AUTO and precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r} must be one of {[AUTO, *PRECISIONS]}")
+        self.precision = resolve_precision(precision, self.device)
         self.batch_sizer: BatchSizer | None = None  # the last run's batch size (after backoff)
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, export_dir: str | Path, device: str | torch.device = "cpu",
-                        dtype=None, precision: str = "bf16-mixed") -> "Pipeline":
+                        dtype=None, precision: str = AUTO) -> "Pipeline":
         """Loads an export directory (``train.py task=t2i|caption`` writes ``<run>/export``).
 
         dtype: None keeps the saved float32 weights; "bf16"/"fp16" casts the transformer (the
-        VQ-VAE stays float32). precision: "bf16-mixed" (default: bf16 autocast, about 2.8x
-        faster matmuls on AVX-512 BF16 CPUs), "16-mixed" (fp16 autocast, GPUs) or "32-true". A checkpoint whose vocabulary does not match its tokenizers
-        raises ValueError naming both values.
+        VQ-VAE stays float32). precision: "auto" (default: bf16 autocast on GPUs with bf16 and
+        on CPUs with native bf16, AVX512-BF16/AMX; fp16 autocast on other GPUs; else fp32, see
+        cogview.precision), "bf16-mixed", "16-mixed" or "32-true". A checkpoint whose
+        vocabulary does not match its tokenizers raises ValueError naming both values.
         """
         from cogview.modules.transformer import CogViewTransformer
         from cogview.modules.vqvae import VQVAE
@@ -202,6 +204,8 @@ class Pipeline:
         text_dir = export_dir / info.get("text_tokenizer", "text_tokenizer")
         text_tokenizer = load_text_tokenizer(text_dir)
         image_tokenizer = VQVAE.from_pretrained(export_dir / info.get("image_tokenizer", "vqvae"))
+        if resolve_dtype(dtype) is not None and torch.device(device).type == "cpu":
+            warn_if_emulated(resolve_dtype(dtype), f"dtype={dtype}")
         model = CogViewTransformer.from_pretrained(export_dir, dtype=resolve_dtype(dtype))
         checks = [
             ("the transformer's vocab_size", model.config.vocab_size,

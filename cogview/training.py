@@ -12,6 +12,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cogview.modules.transformer import TransformerConfig
+from cogview.precision import resolve_precision
 
 log = logging.getLogger("cogview.train")
 
@@ -45,7 +46,8 @@ def build_task(cfg: DictConfig) -> L.LightningModule:
 
 def build_trainer(cfg: DictConfig) -> L.Trainer:
     """Lightning Trainer from ``cfg.trainer`` plus the configured logger and callbacks;
-    checkpoints are written atomically (AtomicCheckpointIO)."""
+    ``precision: auto`` is resolved for the accelerator (cogview.precision); checkpoints are
+    written atomically (AtomicCheckpointIO)."""
     from cogview.callbacks import AtomicCheckpointIO
 
     logger_cfg = cfg.get("logger")
@@ -63,7 +65,8 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     if not logger:  # nothing to monitor the learning rate into
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    return instantiate(cfg.trainer, logger=logger, callbacks=callbacks,
+    precision = resolve_precision(cfg.trainer.get("precision"), cfg.trainer.get("accelerator"))
+    return instantiate(cfg.trainer, logger=logger, callbacks=callbacks, precision=precision,
                        plugins=[AtomicCheckpointIO()])
 
 

@@ -214,9 +214,10 @@ def test_load_time_mismatch_names_both_values(exports, tmp_path):
         Pipeline.from_pretrained(broken)
 
 
-def test_sampling_runs_under_bf16_autocast_by_default(exports, monkeypatch):
+@pytest.mark.parametrize("native_bf16", [True, False], ids=["native-bf16", "no-native-bf16"])
+def test_sampling_autocast_follows_the_cpu_by_default(exports, monkeypatch, native_bf16):
     import cogview.generation.sampling as sampling
-    from cogview import Pipeline
+    from cogview import Pipeline, cpu
 
     seen = []
     real = sampling.generate_images
@@ -226,11 +227,13 @@ def test_sampling_runs_under_bf16_autocast_by_default(exports, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(sampling, "generate_images", spy)
-    default = Pipeline.from_pretrained(exports / "t2i")
-    assert default.precision == "bf16-mixed"
+    monkeypatch.setattr(cpu, "native_bf16", lambda flags=None: native_bf16)
+    default = Pipeline.from_pretrained(exports / "t2i")  # precision="auto"
+    assert default.precision == ("bf16-mixed" if native_bf16 else "32-true")
     default("红色", num_images=1, image_tokens=16, progress=False)
     Pipeline.from_pretrained(exports / "t2i", precision="32-true")(
         "红色", num_images=1, image_tokens=16, progress=False)
-    assert seen == [(True, torch.bfloat16), (False, seen[1][1])]
+    assert seen[0] == ((True, torch.bfloat16) if native_bf16 else (False, seen[0][1]))
+    assert seen[1] == (False, seen[1][1])
     with pytest.raises(ValueError, match="precision='fp8'"):
         Pipeline.from_pretrained(exports / "t2i", precision="fp8")

@@ -127,7 +127,8 @@ def test_shapes_eval_scores_each_task_against_training_time(assets, sr_shards, t
                            f"hydra.run.dir={run}", "trainer.max_steps=4",
                            "trainer.val_check_interval=4", "trainer.log_every_n_steps=1",
                            "callbacks=shapes", "callbacks.shapes_eval.every_n_steps=2",
-                           "callbacks.shapes_eval.prompts_per_split=2")
+                           "callbacks.shapes_eval.prompts_per_split=2",
+                           "callbacks.shapes_eval.sr_refine_sweeps=1")  # sr: one sweep is enough here
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     curve = json.loads((run / "oracle_curve.json").read_text())
@@ -153,7 +154,7 @@ def test_shapes_eval_scores_each_task_against_training_time(assets, sr_shards, t
     if task == "sr":  # the in-training scores are the benchmark's on the exported model
         exported = sr_benchmark(Pipeline.from_pretrained(run / "export", precision="32-true"),
                                 splits=("seen", "heldout", "two"), images_per_split=2,
-                                progress=False)
+                                progress=False, refine_sweeps=1)
         for split, scores in exported.items():
             for name in ("psnr", "unrefined_psnr"):
                 assert curve[-1][f"{split}_{name}"] == pytest.approx(scores[name], abs=2e-3)

@@ -23,6 +23,7 @@
 #include <cctype>
 #include <cmath>
 #include <limits>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -30,6 +31,10 @@
 #include "pb_relax_softmax.h"
 
 namespace cogview {
+namespace cpu_default {
+bool compiled_in() { return true; }  // the portable build is always there
+}  // namespace cpu_default
+
 namespace {
 
 // ---------------------------------------------------------------------------
@@ -38,23 +43,55 @@ namespace {
 constexpr int kNumCpuLevels = 3;
 const char* const kCpuLevelNames[kNumCpuLevels] = {"default", "avx2", "avx512"};
 
+// The highest build this CPU can execute, read from CPUID (and the OS's saved-state bits) by
+// the compiler's runtime, independently of ATen: ATEN_CPU_CAPABILITY=avx512 on a CPU without
+// AVX-512 must not make us run AVX-512 code.
+int cpu_hardware_level() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("avx512dq");
+  return avx512 ? 2 : (avx2 ? 1 : 0);
+#else
+  return 0;
+#endif
+}
+
 struct CpuKernels {
   CpuKernelTable tables[kNumCpuLevels];
-  bool compiled[kNumCpuLevels] = {false, false, false};
-  int hardware_level = 0;    // highest build this CPU runs (as ATen sees it)
+  bool compiled[kNumCpuLevels] = {false, false, false};     // built into this binary
+  bool initialised[kNumCpuLevels] = {false, false, false};  // fill_kernel_table() was entered
+  std::string aten_capability;  // what ATen chose (it honours ATEN_CPU_CAPABILITY)
+  int aten_level = 0;
+  int cpu_level = 0;            // what the CPU itself runs (CPUID)
+  int usable_level = 0;         // min(aten_level, cpu_level): no build above it is ever entered
   std::atomic<int> active{0};
 };
 
 CpuKernels& cpu_kernels() {
   static CpuKernels* kernels = [] {
     auto* k = new CpuKernels();
-    k->compiled[0] = cpu_default::fill_kernel_table(&k->tables[0]);
-    k->compiled[1] = cpu_avx2::fill_kernel_table(&k->tables[1]);
-    k->compiled[2] = cpu_avx512::fill_kernel_table(&k->tables[2]);
-    // ATen's own choice: it checks the CPU and honours ATEN_CPU_CAPABILITY.
-    const std::string aten = at::get_cpu_capability();
-    k->hardware_level = aten == "AVX512" ? 2 : (aten == "AVX2" ? 1 : 0);
-    int level = k->hardware_level;
+    k->compiled[0] = cpu_default::compiled_in();
+    k->compiled[1] = cpu_avx2::compiled_in();
+    k->compiled[2] = cpu_avx512::compiled_in();
+    // ATen's choice: its own CPU check, lowered (never raised) by ATEN_CPU_CAPABILITY.
+    k->aten_capability = at::get_cpu_capability();
+    k->aten_level = k->aten_capability == "AVX512" ? 2 : (k->aten_capability == "AVX2" ? 1 : 0);
+    k->cpu_level = cpu_hardware_level();
+    k->usable_level = std::min(k->aten_level, k->cpu_level);
+    // Only builds the CPU can execute are entered, table filling included.
+    for (int level = 0; level <= k->usable_level; ++level) {
+      if (!k->compiled[level]) continue;
+      k->initialised[level] = true;
+      const bool filled = level == 0   ? cpu_default::fill_kernel_table(&k->tables[0])
+                          : level == 1 ? cpu_avx2::fill_kernel_table(&k->tables[1])
+                                       : cpu_avx512::fill_kernel_table(&k->tables[2]);
+      k->compiled[level] = filled;
+    }
+    int level = k->usable_level;
     while (level > 0 && !k->compiled[level]) --level;
     k->active.store(level);
     return k;
@@ -65,13 +102,30 @@ CpuKernels& cpu_kernels() {
 std::vector<std::string> usable_cpu_capabilities() {
   CpuKernels& k = cpu_kernels();
   std::vector<std::string> names;
-  for (int level = 0; level <= k.hardware_level; ++level) {
+  for (int level = 0; level <= k.usable_level; ++level) {
     if (k.compiled[level]) names.emplace_back(kCpuLevelNames[level]);
   }
   return names;
 }
 
 std::string cpu_capability() { return kCpuLevelNames[cpu_kernels().active.load()]; }
+
+// What the dispatcher saw and did: for logs, benchmarks and the ISA-safety tests.
+std::map<std::string, std::string> cpu_dispatch_info() {
+  CpuKernels& k = cpu_kernels();
+  std::vector<std::string> compiled, initialised;
+  for (int level = 0; level < kNumCpuLevels; ++level) {
+    if (k.compiled[level] || k.initialised[level]) compiled.emplace_back(kCpuLevelNames[level]);
+    if (k.initialised[level]) initialised.emplace_back(kCpuLevelNames[level]);
+  }
+  return {{"aten", kCpuLevelNames[k.aten_level]},
+          {"aten_capability", k.aten_capability},
+          {"cpu", kCpuLevelNames[k.cpu_level]},
+          {"usable", kCpuLevelNames[k.usable_level]},
+          {"active", kCpuLevelNames[k.active.load()]},
+          {"compiled", c10::Join(",", compiled)},
+          {"initialised", c10::Join(",", initialised)}};
+}
 
 void set_cpu_capability(const std::string& name) {
   std::string lower(name);
@@ -80,8 +134,10 @@ void set_cpu_capability(const std::string& name) {
   CpuKernels& k = cpu_kernels();
   for (int level = 0; level < kNumCpuLevels; ++level) {
     if (lower != kCpuLevelNames[level]) continue;
-    TORCH_CHECK(k.compiled[level] && level <= k.hardware_level, "set_cpu_capability: '", name,
-                "' cannot run here; usable on this machine: ", c10::Join(", ", usable_cpu_capabilities()));
+    TORCH_CHECK(k.compiled[level] && level <= k.usable_level, "set_cpu_capability: '", name,
+                "' cannot run here (CPU: ", kCpuLevelNames[k.cpu_level], ", ATen: ",
+                k.aten_capability, "); usable on this machine: ",
+                c10::Join(", ", usable_cpu_capabilities()));
     k.active.store(level);
     return;
   }
@@ -262,6 +318,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The CPU kernel build in use: default, avx2 or avx512.");
   m.def("cpu_capabilities", &cogview::usable_cpu_capabilities,
         "The CPU kernel builds this machine can run.");
+  m.def("cpu_dispatch_info", &cogview::cpu_dispatch_info,
+        "How the CPU build was chosen: aten (ATen's level, after ATEN_CPU_CAPABILITY), cpu (what "
+        "CPUID reports), usable (the lower of the two), active, compiled (builds in this binary), "
+        "initialised (builds whose code has been entered; never above usable).");
   m.def("set_cpu_capability", &cogview::set_cpu_capability, py::arg("name"),
         "Pick the CPU kernel build (for tests and benchmarks); see cpu_capabilities().");
 }

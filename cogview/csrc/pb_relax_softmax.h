@@ -67,10 +67,21 @@ struct CpuKernelTable {
   PBRelaxBackwardRowsFn backward[kPBNumDtypes] = {};
 };
 
-// Each fills `table` and returns true when its instruction set was compiled in.
-namespace cpu_default { bool fill_kernel_table(CpuKernelTable* table); }
-namespace cpu_avx2 { bool fill_kernel_table(CpuKernelTable* table); }
-namespace cpu_avx512 { bool fill_kernel_table(CpuKernelTable* table); }
+// The AVX2 / AVX-512 builds are made by GCC on x86-64 (target pragmas); elsewhere only the
+// portable build exists.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PB_RELAX_ISA_BUILDS 1
+#else
+#define PB_RELAX_ISA_BUILDS 0
+#endif
+
+// compiled_in() says whether a build's instruction set was compiled into this binary; it is
+// compiled for the baseline ISA (before the file's target pragma), so any CPU may call it.
+// fill_kernel_table() fills `table`; it is compiled for the build's instruction set, so the
+// dispatcher calls it only when the CPU runs that set (and ATen allows it).
+namespace cpu_default { bool compiled_in(); bool fill_kernel_table(CpuKernelTable* table); }
+namespace cpu_avx2 { bool compiled_in(); bool fill_kernel_table(CpuKernelTable* table); }
+namespace cpu_avx512 { bool compiled_in(); bool fill_kernel_table(CpuKernelTable* table); }
 
 }  // namespace cogview
 

@@ -6,7 +6,11 @@
 // and the portable build runs.
 #include "pb_relax_softmax.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// Above the target pragma, so compiled for the baseline ISA: safe to call on any CPU. Nothing
+// below the pragma runs before the dispatcher has checked the CPU.
+bool cogview::cpu_avx2::compiled_in() { return PB_RELAX_ISA_BUILDS; }
+
+#if PB_RELAX_ISA_BUILDS
 #pragma GCC target("avx2,fma,f16c")
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive in _mm*_cvtps_ph

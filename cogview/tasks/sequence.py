@@ -263,7 +263,7 @@ class SequenceTask(CogViewTask):
                 "caption_end_token": getattr(datamodule, "caption_end_token", None),
                 "text_tokenizer": "text_tokenizer", "image_tokenizer": "vqvae"}
 
-    def pipeline(self, precision: str = "bf16-mixed"):
+    def pipeline(self, precision: str = "auto"):
         """The model being trained as an in-memory ``Pipeline`` (same weights, no copy), for
         evaluating while training. It puts the model in eval mode: restore train mode after."""
         from cogview.pipeline import Pipeline
