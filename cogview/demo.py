@@ -26,6 +26,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from cogview.cpu import cpu_summary
+from cogview.precision import auto_precision
 from cogview.training import register_resolvers, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,12 +154,21 @@ def curve_table(task: str, points: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def machine_summary() -> dict:
+    """The CPU facts the stage times depend on, and the precision ``auto`` ran them in."""
+    return {**cpu_summary(), "threads": torch.get_num_threads(),
+            "precision": auto_precision("cpu")[0]}  # the demo trains and samples on the CPU
+
+
 def write_report(report_dir: Path, timings: dict, results: dict, pictures: dict,
                  runs_dir: Path, curves: dict[str, list[dict]]) -> Path:
     from cogview.eval.shapes_bench import markdown
 
+    machine = machine_summary()
     lines = ["# cogview demo on shapes-zh", "",
-             "Every stage on this machine's CPU; models in `artifacts/demo/` "
+             f"Every stage on this machine: {machine['cpu']} ({machine['cpu_isa']}, native bf16: "
+             f"{'yes' if machine['cpu_native_bf16'] else 'no'}), {machine['threads']} threads, "
+             f"precision {machine['precision']}; models in `artifacts/demo/` "
              "(`Pipeline.from_pretrained`, `infer.py ckpt=...`).", "",
              "| stage | wall time |", "| --- | --- |"]
     lines += [f"| {name} | {'not recorded' if seconds is None else f'{seconds:.0f} s'} |"
@@ -223,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     curves = read_curves(runs_dir)
     pictures = plots(runs_dir, report_dir, curves)
     (report_dir / "scores.json").write_text(json.dumps(
-        {"config": OmegaConf.to_container(demo), "timings_s": timings, "curves": curves,
+        {"config": OmegaConf.to_container(demo), "machine": machine_summary(),
+         "timings_s": timings, "curves": curves,
          **results}, ensure_ascii=False, indent=1))
     report = write_report(report_dir, timings, results, pictures, runs_dir, curves)
     print(f"[demo] report: {report}")

@@ -46,7 +46,10 @@ def device_type(device: torch.device | str | None) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if str(device) == "gpu":
         return "cuda"
-    return torch.device(device).type
+    try:
+        return torch.device(device).type
+    except RuntimeError:  # an accelerator name torch has no device for (e.g. "tpu")
+        return str(device)
 
 
 @functools.lru_cache(maxsize=None)

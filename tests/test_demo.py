@@ -20,6 +20,12 @@ def test_demo_smoke_budget_writes_report_and_reuses_stages(tmp_path, capsys):
     for picture in pictures:
         assert picture in report and (report_dir / picture).is_file(), picture
     scores = json.loads((report_dir / "scores.json").read_text())
+    from cogview import cpu
+    from cogview.precision import auto_precision
+
+    assert scores["machine"]["precision"] == auto_precision("cpu")[0]  # the timings' context
+    assert scores["machine"]["cpu_isa"] == (cpu.cpu_isa_level() or "unknown")
+    assert f"precision {scores['machine']['precision']}" in report
     assert set(scores["t2i"]) == {"seen", "heldout", "two"}
     for split in scores["t2i"].values():
         assert {"one_sample", "rerank", "caps", "fid", "fid_k", "is"} <= set(split)
