@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import interleaved_medians, machine_info, write_json  # noqa: E402
 from cogview.generation import generate_images, generate_span  # noqa: E402
 from cogview.modules.transformer import CogViewTransformer, TransformerConfig  # noqa: E402
+from cogview.precision import auto_precision  # noqa: E402
 from cogview.tokenization import CogViewVocab, collate_layouts, t2i_prompt  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
@@ -337,13 +338,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="batch of the HF comparison")
     parser.add_argument("--image-tokens", type=int, default=64,
                         help="image tokens of the HF comparison")
-    parser.add_argument("--dtypes", default="fp32,bf16",
-                        help=f"of {sorted(DTYPES)}, comma-separated")
+    parser.add_argument("--dtypes", default=None,
+                        help=f"of {sorted(DTYPES)}, comma-separated (default: fp32,bf16 where "
+                        "precision auto picks bf16 on this CPU, else fp32: emulated bf16 runs "
+                        "hundreds of times slower)")
     parser.add_argument("--repeats", type=int, default=5, help="repeats of the HF comparison")
     parser.add_argument("--skip", choices=("sweep", "hf"), action="append", default=[],
                         help="leave a section out (repeatable)")
     parser.add_argument("--out", help="JSON path (default bench_results/sampling.json)")
     args = parser.parse_args()
+    if args.dtypes is None:
+        args.dtypes = "fp32,bf16" if auto_precision("cpu")[0] == "bf16-mixed" else "fp32"
     args.dtypes = [name.strip() for name in args.dtypes.split(",")]
     unknown = [name for name in args.dtypes if name not in DTYPES]
     if unknown:

@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[demo] models: {vqvae} (VQ-VAE), " + ", ".join(
         f"{path} ({task})" for task, path in exports.items())
         + "; load with Pipeline.from_pretrained or infer.py ckpt=...")
-    print(f"[demo] web app on these models: make app")
+    print("[demo] web app on these models: make app")
     for split, result in results["t2i"].items():
         line = f"[demo] t2i {split}: full match {result['one_sample']['full_match']:.1%}"
         if "rerank" in result:

@@ -77,7 +77,8 @@ CpuKernels& cpu_kernels() {
     k->compiled[0] = cpu_default::compiled_in();
     k->compiled[1] = cpu_avx2::compiled_in();
     k->compiled[2] = cpu_avx512::compiled_in();
-    // ATen's choice: its own CPU check, lowered (never raised) by ATEN_CPU_CAPABILITY.
+    // ATen's choice: its own CPU check, unless ATEN_CPU_CAPABILITY names a level (any level,
+    // even one above the CPU's: ATen does not check it, hence the CPUID bound below).
     k->aten_capability = at::get_cpu_capability();
     k->aten_level = k->aten_capability == "AVX512" ? 2 : (k->aten_capability == "AVX2" ? 1 : 0);
     k->cpu_level = cpu_hardware_level();
