@@ -204,9 +204,10 @@ class Pipeline:
         text_dir = export_dir / info.get("text_tokenizer", "text_tokenizer")
         text_tokenizer = load_text_tokenizer(text_dir)
         image_tokenizer = VQVAE.from_pretrained(export_dir / info.get("image_tokenizer", "vqvae"))
-        if resolve_dtype(dtype) is not None and torch.device(device).type == "cpu":
-            warn_if_emulated(resolve_dtype(dtype), f"dtype={dtype}")
-        model = CogViewTransformer.from_pretrained(export_dir, dtype=resolve_dtype(dtype))
+        weight_dtype = resolve_dtype(dtype)
+        if weight_dtype is not None and torch.device(device).type == "cpu":
+            warn_if_emulated(weight_dtype, f"dtype={dtype}")
+        model = CogViewTransformer.from_pretrained(export_dir, dtype=weight_dtype)
         checks = [
             ("the transformer's vocab_size", model.config.vocab_size,
              f"the vocabulary size in {EXPORT_CONFIG}", vocab.size),
@@ -221,7 +222,7 @@ class Pipeline:
                     f"{export_dir}: {name_a} is {value_a} but {name_b} is {value_b}; the "
                     "checkpoint and its tokenizers come from different runs: re-export the run "
                     "(its export holds the tokenizers it was trained with)")
-        model = model.to(device=device, dtype=resolve_dtype(dtype))
+        model = model.to(device=device, dtype=weight_dtype)
         image_tokenizer = image_tokenizer.to(device)
         return cls(model, text_tokenizer, image_tokenizer, vocab, info, device, precision)
 
