@@ -1,39 +1,54 @@
-"""Benchmark: training throughput of the Lightning t2i task vs a plain PyTorch loop, and MFU.
+"""Benchmark: training throughput of the span-restricted loss against the full-vocabulary loss
+and HF transformers' GPT-2, the Lightning overhead, and model FLOPs utilisation.
 
-    python benchmarks/training_throughput.py [--preset small] [--batch 16] [--steps 20]
-        [--precision auto|bf16-mixed|32-true]
+    python benchmarks/training_throughput.py [--presets demo,small] [--precisions auto]
+        [--vocab cogview|demo] [--steps 4] [--rounds 2]
 
-Both sides train the same CogViewTransformer on the same t2i-shaped batches (text, 64 or
-256 image tokens) with the same AdamW, gradient clipping and precision (default ``auto``:
-bf16 autocast on CPUs with native bf16, fp32 elsewhere; cogview.precision), in one run:
-the plain loop is a hand-written ``forward / backward / clip / step``; the Lightning side is
-``cogview.tasks.t2i.T2ITask`` under ``lightning.Trainer``. Reported: tokens/s of each, the
-Lightning overhead (target <= 10 %), and model FLOPs utilisation: achieved FLOP/s of a
-training step (6 x parameters x tokens + attention + output head) divided by the FLOP/s of
-a large fp32 matmul measured in the same run (and beside it the bf16 matmul's).
+For each model preset and precision (``auto``: fp32, and bf16 autocast beside it on CPUs
+with native bf16), one run times on the same t2i-shaped batches (text, [BASE] [BOI1], 64
+image codes, [EOI1]), each with AdamW and gradient clipping:
+
+- ``span``: the CogViewTransformer with ``task.loss_vocab=span`` (each target scored against
+  its span's ids, chunked, ``cogview.modules.losses``), in a hand-written loop;
+- ``full``: the same model and batches with ``loss_vocab=full`` (CogView's loss over every id);
+- ``hf_gpt2``: ``transformers.GPT2LMHeadModel`` with the same layers, width, heads,
+  sequence length, batch and vocabulary, trained on the same targets (full vocabulary);
+- ``lightning_span``: ``cogview.tasks.t2i.T2ITask`` under ``lightning.Trainer`` (overhead
+  against the hand-written ``span`` loop).
+
+Reported per row: seconds per step, tokens/s, and for ``span`` its MFU: the FLOPs of a step
+(6 x (non-embedding params + the output-head rows it computes) x tokens + attention) per
+second, over a large matmul's FLOP/s in the same precision measured in the same run.
+``--vocab cogview`` (default) uses CogView's vocabulary, 8,192 codes + 50,000 text ids =
+58,240 ids (only the id ranges matter for timing); ``--vocab demo`` the demo's (1,024 codes
++ the character tokenizer's 7,200 ids = 8,320).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import machine_info, median_time, write_json  # noqa: E402
+from cogview.modules.losses import span_groups  # noqa: E402
+from cogview.modules.transformer import CogViewTransformer  # noqa: E402
 from cogview.modules.vqvae import VQVAE, VQVAEConfig  # noqa: E402
 from cogview.precision import resolve_precision  # noqa: E402
 from cogview.tasks.t2i import T2ITask  # noqa: E402
 from cogview.tokenization.layouts import collate_layouts, t2i_layout  # noqa: E402
+from cogview.tokenization.vocab import CogViewVocab  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 PRESETS = ROOT / "conf" / "model"
+COGVIEW_TEXT_IDS = 50_000
 
 
 def load_preset(name: str):
@@ -61,31 +76,62 @@ def make_batches(task: T2ITask, batch: int, count: int, image_tokens: int, text_
     return batches
 
 
-def plain_loop(task: T2ITask, batches, steps: int, precision: str) -> float:
-    """Seconds per step of a hand-written loop over the task's model and loss."""
-    model = task.model
+def build_task(preset: dict, vqvae_dir: str, vocab_kind: str, loss_vocab: str) -> T2ITask:
+    """A t2i task on ``preset``; ``cogview``: its vocabulary and model resized to CogView's."""
+    torch.manual_seed(0)
+    task = T2ITask(model=preset, vqvae_dir=vqvae_dir, warmup_steps=0, loss_vocab=loss_vocab)
+    if vocab_kind == "cogview":  # 50,000 text ids, as CogView's SentencePiece model
+        task.vocab = CogViewVocab(task.vocab.num_image_codes, COGVIEW_TEXT_IDS)
+        config = dataclasses.replace(task.model.config, vocab_size=task.vocab.size)
+        torch.manual_seed(0)
+        task.model = CogViewTransformer(config)
+    return task
+
+
+def autocast(precision: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+
+
+def timed_loop(model, loss_fn, batches, steps: int, precision: str, warmup: int = 2) -> float:
+    """Seconds per step of ``forward + loss / backward / clip / AdamW step``."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
     model.train()
 
     def step(batch):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-            ids = batch["input_ids"]
-            logits = model(ids[:, :-1], batch["position_ids"][:, :-1], batch["attention_mask"][:, :-1])
-            mask = batch["loss_mask"][:, 1:].float()
-            loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(),
-                                   reduction="none").view_as(mask)
-            loss = (loss * mask).sum() / mask.sum()
+        with autocast(precision):
+            loss = loss_fn(batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for batch in batches[:3]:  # warm-up
+    for batch in batches[:warmup]:
         step(batch)
     start = time.perf_counter()
     for index in range(steps):
         step(batches[index % len(batches)])
     return (time.perf_counter() - start) / steps
+
+
+def hf_gpt2(task: T2ITask, length: int):
+    """HF GPT-2 with the task model's layers, width, heads, vocabulary; no dropout."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = task.model.config
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(
+        vocab_size=config.vocab_size, n_positions=length, n_embd=config.hidden_size,
+        n_layer=config.num_layers, n_head=config.num_heads, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0))
+
+
+def hf_loss(model):
+    def loss(batch):
+        ids = batch["input_ids"]
+        labels = ids.masked_fill(~batch["loss_mask"].bool(), -100)  # HF shifts the labels
+        return model(input_ids=ids, attention_mask=batch["attention_mask"].long(),
+                     labels=labels).loss
+    return loss
 
 
 class StepTimer:
@@ -111,8 +157,8 @@ def lightning_loop(task: T2ITask, batches, steps: int, precision: str) -> float:
     """Seconds per step of the t2i LightningModule under lightning.Trainer."""
     import lightning as L
 
-    timer = StepTimer(warmup=3)
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=steps + 3,
+    timer = StepTimer(warmup=2)
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=steps + 2,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, gradient_clip_val=1.0, num_sanity_val_steps=0,
                         limit_val_batches=0, callbacks=[timer.callback])
@@ -121,13 +167,26 @@ def lightning_loop(task: T2ITask, batches, steps: int, precision: str) -> float:
     return (timer.end - timer.start) / steps if timer.start else float("nan")
 
 
-def step_flops(task: T2ITask, batch: dict) -> float:
-    """Training FLOPs of one step: 6 x (non-embedding params + head) x tokens + attention."""
+def head_rows(task: T2ITask, batch: dict, loss_vocab: str) -> float:
+    """Output-head FLOP rows per token: V for full, each target's candidate count for span."""
+    vocab = task.vocab
+    tokens = batch["input_ids"][:, :-1].numel()
+    if loss_vocab == "full":
+        return float(vocab.size)
+    groups = span_groups(vocab, batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:].bool(),
+                         task.text_end_ids())
+    rows = (int(groups.image.sum()) * vocab.num_image_codes
+            + int(groups.text.sum()) * groups.text_candidates.numel())
+    return rows / tokens
+
+
+def step_flops(task: T2ITask, batch: dict, loss_vocab: str) -> float:
+    """Training FLOPs of one step: 6 x (non-embedding params + head rows) x tokens + attention."""
     config = task.model.config
     tokens = batch["input_ids"][:, :-1].numel()
     length = batch["input_ids"].shape[1] - 1
     body = 12 * config.num_layers * config.hidden_size ** 2  # qkv, dense, two MLP matrices
-    head = config.hidden_size * config.vocab_size
+    head = config.hidden_size * head_rows(task, batch, loss_vocab)
     attention = 2 * config.num_layers * length * config.hidden_size  # QK^T and PV per token
     return 6.0 * (body + head + attention) * tokens
 
@@ -137,56 +196,92 @@ def matmul_flops_per_s(dtype: torch.dtype, size: int = 2048) -> float:
     return 2 * size ** 3 / median_time(lambda: a @ b, repeats=5)
 
 
+def precisions_for(names: str) -> list[str]:
+    """``auto``: fp32, plus bf16-mixed where the CPU has native bf16; else the listed ones."""
+    if names == "auto":
+        return ["32-true"] + (["bf16-mixed"] if resolve_precision("auto", "cpu") == "bf16-mixed"
+                              else [])
+    return [resolve_precision(name, "cpu") for name in names.split(",")]
+
+
+def measure(preset_name: str, precision: str, args, vqvae_dir: str) -> dict:
+    preset = OmegaConf.to_container(load_preset(preset_name))
+    batch_size = args.batch or (32 if preset_name == "demo" else 8)
+    span = build_task(preset, vqvae_dir, args.vocab, "span")
+    full = build_task(preset, vqvae_dir, args.vocab, "full")
+    full.model.load_state_dict(span.model.state_dict())
+    batches = make_batches(span, batch_size, 4, args.image_tokens, args.text_len)
+    length = batches[0]["input_ids"].shape[1]
+    gpt2 = hf_gpt2(span, length)
+    initial = {k: v.clone() for k, v in span.model.state_dict().items()}
+    sides = {
+        "span": lambda: timed_loop(span.model, lambda b: span.losses(b)["loss"], batches,
+                                   args.steps, precision),
+        "full": lambda: timed_loop(full.model, lambda b: full.losses(b)["loss"], batches,
+                                   args.steps, precision),
+        "hf_gpt2": lambda: timed_loop(gpt2, hf_loss(gpt2), batches, args.steps, precision),
+        "lightning_span": lambda: lightning_loop(span, batches, args.steps, precision),
+    }
+    times = {name: [] for name in sides}
+    for round_index in range(args.rounds):  # alternate, keep each side's best
+        for name, run in sides.items():
+            span.model.load_state_dict(initial)
+            print(f"  {preset_name} {precision} round {round_index + 1}/{args.rounds}: {name}",
+                  flush=True)
+            times[name].append(run())
+    seconds = {name: min(values) for name, values in times.items()}
+    tokens = batches[0]["input_ids"][:, :-1].numel()
+    peak = matmul_flops_per_s(torch.bfloat16 if precision == "bf16-mixed" else torch.float32)
+    span_flops = step_flops(span, batches[0], "span")
+    row = {
+        "preset": preset_name, "precision": precision, "batch": batch_size,
+        "sequence_length": length, "vocab_size": span.vocab.size,
+        "parameters": span.model.num_parameters(),
+        "seconds_per_step": seconds,
+        "tokens_per_s": {name: tokens / s for name, s in seconds.items()},
+        "span_speedup_over_full": seconds["full"] / seconds["span"],
+        "span_speedup_over_hf_gpt2": seconds["hf_gpt2"] / seconds["span"],
+        "lightning_overhead": seconds["lightning_span"] / seconds["span"] - 1.0,
+        "span_step_gflop": span_flops / 1e9,
+        "full_step_gflop": step_flops(span, batches[0], "full") / 1e9,
+        "matmul_gflops": peak / 1e9,
+        "span_mfu": span_flops / seconds["span"] / peak,
+    }
+    print(f"{preset_name} ({precision}, batch {batch_size}, {length} tokens, vocabulary "
+          f"{row['vocab_size']:,}): span {row['tokens_per_s']['span']:.0f} tok/s "
+          f"({seconds['span']:.2f} s/step), full {row['tokens_per_s']['full']:.0f} "
+          f"({seconds['full']:.2f} s), HF GPT-2 {row['tokens_per_s']['hf_gpt2']:.0f} "
+          f"({seconds['hf_gpt2']:.2f} s): span x{row['span_speedup_over_full']:.2f} over full, "
+          f"x{row['span_speedup_over_hf_gpt2']:.2f} over GPT-2; Lightning overhead "
+          f"{row['lightning_overhead']:+.1%}; span MFU {row['span_mfu']:.1%} of a "
+          f"{row['matmul_gflops']:.0f} GFLOP/s matmul", flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="small", choices=["tiny", "small", "demo"],
-                        help="demo: tiny with make demo's t2i model (conf/budget/full.yaml)")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--presets", default="demo,small",
+                        help="comma-separated: tiny, small, demo (make demo's 6 x 256 t2i model)")
+    parser.add_argument("--precisions", default="auto",
+                        help="auto (fp32, + bf16-mixed on CPUs with native bf16) or a list")
+    parser.add_argument("--vocab", default="cogview", choices=["cogview", "demo"])
+    parser.add_argument("--batch", type=int, help="default: 32 for demo, 8 otherwise")
+    parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--image-tokens", type=int, default=64)
-    parser.add_argument("--text-len", type=int, default=16)
+    parser.add_argument("--text-len", type=int, default=22, help="22: 90-token sequences")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--precision", default="auto", choices=["auto", "bf16-mixed", "32-true"],
-                        help="auto: bf16-mixed on CPUs with native bf16, else 32-true")
     parser.add_argument("--out")
     args = parser.parse_args()
-    precision = resolve_precision(args.precision, "cpu")
 
-    preset = OmegaConf.to_container(load_preset(args.preset))
+    rows = []
     with tempfile.TemporaryDirectory() as vqvae_dir:
-        VQVAE(VQVAEConfig.preset("tiny")).save_pretrained(vqvae_dir)
-        torch.manual_seed(0)
-        task = T2ITask(model=preset, vqvae_dir=vqvae_dir, warmup_steps=0)
-        initial = {k: v.clone() for k, v in task.model.state_dict().items()}
-        batches = make_batches(task, args.batch, 8, args.image_tokens, args.text_len)
-        plain_times, lightning_times = [], []
-        for _ in range(args.rounds):  # alternate, keep each side's best: load comes and goes
-            task.model.load_state_dict(initial)
-            plain_times.append(plain_loop(task, batches, args.steps, precision))
-            task.model.load_state_dict(initial)
-            lightning_times.append(lightning_loop(task, batches, args.steps, precision))
-        plain_s, lightning_s = min(plain_times), min(lightning_times)
-    tokens = batches[0]["input_ids"][:, :-1].numel()
-    flops = step_flops(task, batches[0])
-    fp32_peak, bf16_peak = matmul_flops_per_s(torch.float32), matmul_flops_per_s(torch.bfloat16)
-    result = {
-        "machine": machine_info(), "precision": precision, "preset": args.preset,
-        "batch": args.batch,
-        "sequence_length": batches[0]["input_ids"].shape[1], "steps": args.steps,
-        "parameters": task.model.num_parameters(),
-        "plain_tokens_per_s": tokens / plain_s, "lightning_tokens_per_s": tokens / lightning_s,
-        "lightning_overhead": lightning_s / plain_s - 1.0,
-        "step_gflop": flops / 1e9,
-        "matmul_fp32_gflops": fp32_peak / 1e9, "matmul_bf16_gflops": bf16_peak / 1e9,
-        "mfu_vs_fp32_matmul": flops / lightning_s / fp32_peak,
-        "mfu_vs_bf16_matmul": flops / lightning_s / bf16_peak,
-        "targets": {"lightning_overhead_max": 0.10, "mfu_vs_fp32_matmul_min": 0.30},
-    }
-    print(f"{args.preset} ({precision}): plain {result['plain_tokens_per_s']:.0f} tok/s, Lightning "
-          f"{result['lightning_tokens_per_s']:.0f} tok/s (overhead {result['lightning_overhead']:+.1%}); "
-          f"MFU {result['mfu_vs_fp32_matmul']:.1%} of the fp32 matmul "
-          f"({result['matmul_fp32_gflops']:.0f} GFLOP/s), {result['mfu_vs_bf16_matmul']:.1%} of bf16")
-    write_json(result, args.out, f"training_throughput_{args.preset}")
+        codes = 8192 if args.vocab == "cogview" else 1024
+        VQVAE(VQVAEConfig.preset("tiny", num_codes=codes)).save_pretrained(vqvae_dir)
+        for preset in args.presets.split(","):
+            for precision in precisions_for(args.precisions):
+                rows.append(measure(preset, precision, args, vqvae_dir))
+    write_json({"machine": machine_info(), "vocab": args.vocab, "steps": args.steps,
+                "rounds": args.rounds, "rows": rows}, args.out, "training_throughput")
 
 
 if __name__ == "__main__":

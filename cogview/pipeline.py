@@ -473,7 +473,9 @@ class Pipeline:
             values = caption_log_likelihood(self.model, self.vocab, list(codes),
                                             [texts[i] for i in chunk],
                                             max_text_len=self.max_text_len,
-                                            text_slots=self.text_slots)
+                                            text_slots=self.text_slots,
+                                            loss_vocab=self.loss_vocab,
+                                            end_ids=self.caption_end_ids)
             return [float(v) for v in values]
 
         self.batch_sizer = BatchSizer(max_inference_batch_size)
@@ -482,9 +484,24 @@ class Pipeline:
 
     # ------------------------------------------------------------------ caption
     @property
-    def caption_stop_id(self) -> int:
-        """The id that ends a caption: the export's caption_end_token, else [SEP]."""
-        return self.vocab.command(self.info.get("caption_end_token") or "[SEP]")
+    def loss_vocab(self) -> str:
+        """The vocabulary the model was trained over (exports before it was recorded: full)."""
+        return self.info.get("loss_vocab") or "full"
+
+    @property
+    def caption_end_ids(self) -> list[int]:
+        """The caption end token the captioner learned, if any (its cogview.json)."""
+        token = self.info.get("caption_end_token")
+        return [self.vocab.command(token)] if token else []
+
+    @property
+    def caption_stop_id(self) -> int | None:
+        """The id that ends a caption: the export's caption_end_token; else [SEP] for models
+        trained over the full vocabulary, and none for span models (they never scored a stop
+        id, so their captions run to ``max_len``)."""
+        if self.caption_end_ids:
+            return self.caption_end_ids[0]
+        return None if self.loss_vocab == "span" else self.vocab.sep_id
 
     def prepare_image(self, image: Image.Image | str | Path) -> Image.Image:
         """A PIL image or a path -> RGB, resized and centre-cropped to the training size."""
@@ -501,9 +518,10 @@ class Pipeline:
                 num_beams: int = 1) -> list[str]:
         """Image captioning: PIL images, paths or code grids (LongTensor [h, w], e.g. from
         pretokenized shards) -> one caption each (image i: seed ``seed + i`` when sampling).
-        Captions end at the end token ([SEP] unless the export names another) or after
-        ``max_len`` tokens (default: the export's max_text_len). ``num_beams`` > 1 (with
-        ``greedy=True``): the most likely caption found by beam search, not the greedy one."""
+        Captions end at the end token (``caption_stop_id``: the export's, else [SEP] for
+        full-vocabulary models) or after ``max_len`` tokens (default: the export's
+        max_text_len). ``num_beams`` > 1 (with ``greedy=True``): the most likely caption found
+        by beam search, not the greedy one."""
         from cogview.generation.beam import check_num_beams
 
         from cogview.generation.sampling import generate_captions

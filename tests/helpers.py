@@ -1,6 +1,7 @@
 """Shared test utilities."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
@@ -47,8 +48,10 @@ def make_exports(root, t2i_text_len: int, caption_text_len: int):
     make_vqvae(root / "vq", num_codes=64)
     torch.manual_seed(0)
     T2ITask(model=model, vqvae_dir=str(root / "vq"), max_text_len=t2i_text_len).export(root / "t2i")
-    CaptionTask(model=model, vqvae_dir=str(root / "vq"),
-                max_text_len=caption_text_len).export(root / "caption")
+    caption = CaptionTask(model=model, vqvae_dir=str(root / "vq"), max_text_len=caption_text_len)
+    # as task=caption's data (data.caption_end_token: "[SEP]")
+    caption._trainer = SimpleNamespace(datamodule=SimpleNamespace(caption_end_token="[SEP]"))
+    caption.export(root / "caption")
     return root
 
 

@@ -152,6 +152,12 @@ def test_caption_returns_one_string_per_image_and_stops_at_sep(exports, tmp_path
 
     pipe = Pipeline.from_pretrained(exports / "caption", precision="32-true")
     assert pipe.task == "caption" and pipe.caption_stop_id == pipe.vocab.sep_id
+    assert pipe.loss_vocab == "span" and pipe.caption_end_ids == [pipe.vocab.sep_id]
+    for loss_vocab, stop in (("span", None), ("full", pipe.vocab.sep_id), (None, pipe.vocab.sep_id)):
+        # no end token recorded: span models never scored a stop id; older exports are full
+        other = Pipeline(pipe.model, pipe.text_tokenizer, pipe.image_tokenizer, pipe.vocab,
+                         {**pipe.info, "caption_end_token": None, "loss_vocab": loss_vocab})
+        assert other.caption_stop_id == stop and other.caption_end_ids == []
     Image.new("RGB", (80, 64), (220, 20, 20)).save(tmp_path / "red.png")
     images = [tmp_path / "red.png", Image.new("L", (64, 64), 100)]
     captions = pipe.caption(images, max_len=5, progress=False)

@@ -46,8 +46,9 @@ def test_fast_dev_run_each_task_and_precision(assets, tmp_path, task, precision)
                                        "trainer.fast_dev_run=true"))
     metrics = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
-    assert ("train/image_loss" in metrics) == (task != "caption")  # caption targets text only
-    assert ("train/text_loss" in metrics) == (task != "sr")  # sr targets image tokens only
+    # loss_vocab=span by default: the parts are named after it
+    assert ("train/image_loss_span" in metrics) == (task != "caption")  # caption: text only
+    assert ("train/text_loss_span" in metrics) == (task != "sr")  # sr: image tokens only
     model = CogViewTransformer.from_pretrained(tmp_path / "export")
     assert model.config.num_layers == 2
     assert (tmp_path / "export" / "vqvae" / "model.safetensors").is_file()

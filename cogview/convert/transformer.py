@@ -306,6 +306,7 @@ def convert_transformer(src: str | Path, out: str | Path, vqvae: str | Path | No
     info = {"task": task, "vocab": vocab.to_dict(), "max_text_len": max_text_len,
             "text_slots": None,  # CogView's sequential positions
             "image_tokens": image_tokens, "caption_end_token": caption_end_token,
+            "loss_vocab": "full",  # CogView scored every target against the whole vocabulary
             "text_tokenizer": "text_tokenizer", "image_tokenizer": "vqvae",
             "converted_from": {"checkpoint": str(Path(path).resolve()), "dtype": dtypes,
                                "heads": heads}}

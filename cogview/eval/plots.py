@@ -107,16 +107,17 @@ def plot_loss_curves(runs, out_png: str | Path, metrics: Sequence[str] | None = 
     """Loss against step for one or more Lightning CSVLogger runs, saved as a PNG.
 
     runs: a metrics.csv path, a list of them (named by their run folder) or {name: path}.
-    metrics: the columns to plot (default: every column ending in "loss", e.g. train/loss,
-    val/loss, train/image_loss). One panel per loss name (the part after "split/"): train
-    as solid lines, val dashed with markers, one colour per run. smooth in [0, 1): an
-    exponential moving average applied to train curves (0 = raw). Returns out_png.
+    metrics: the columns to plot (default: every column whose name holds "loss", e.g.
+    train/loss, val/loss, train/image_loss_span). One panel per loss name (the part after
+    "split/"): train as solid lines, val dashed with markers, one colour per run. smooth in
+    [0, 1): an exponential moving average applied to train curves (0 = raw). Returns out_png.
     """
     if not 0.0 <= smooth < 1.0:
         raise ValueError(f"smooth={smooth} must be in [0, 1) (0 = no smoothing, 0.9 = heavy)")
     data = {name: read_metrics_csv(path) for name, path in _as_runs(runs).items()}
     available = sorted({column for series in data.values() for column in series})
-    wanted = list(metrics) if metrics is not None else [c for c in available if c.endswith("loss")]
+    wanted = list(metrics) if metrics is not None else [
+        c for c in available if "loss" in c.rsplit("/", 1)[-1]]
     missing = [m for m in wanted if m not in available]
     if missing or not wanted:
         raise ValueError(f"no logged values for {missing or 'any loss column'}; the runs log "

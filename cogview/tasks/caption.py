@@ -19,9 +19,12 @@ class CaptionTask(SequenceTask):
     @property
     def stop_id(self) -> int | None:
         """The end-of-caption token the data appends (data.caption_end_token), if any."""
-        datamodule = getattr(self.trainer, "datamodule", None)
+        datamodule = getattr(self._trainer, "datamodule", None)
         token = getattr(datamodule, "caption_end_token", None)
         return self.vocab.command(token) if token else None
+
+    def text_end_ids(self) -> list[int]:
+        return [] if self.stop_id is None else [self.stop_id]
 
     @torch.no_grad()
     def log_samples(self, batch: dict) -> None:

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from cogview.modules.losses import check_loss_vocab, full_loss, span_loss
 from cogview.modules.transformer import CogViewTransformer, TransformerConfig
 from cogview.tasks.base import CogViewTask
 from cogview.tokenization import build_text_tokenizer, load_text_tokenizer, text_slots_for
@@ -86,8 +86,11 @@ class SequenceTask(CogViewTask):
 
     Loss: cross entropy on the layout's targets; a target predicted from a text position is
     weighted by ``txt_loss_scale`` (CogView keyed the weight on input positions and used 1
-    to 5). Image and text losses are logged separately. Steps with a non-finite loss are
-    handled by the NaN monitor callback.
+    to 5). ``loss_vocab``: ``span`` scores each target against its span's ids only (the ids
+    the sampler draws from; ``cogview.modules.losses``), ``full`` against the whole
+    vocabulary (CogView's loss). Image and text losses are logged separately, named after
+    their vocabulary (``image_loss_span`` / ``image_loss``). Steps with a non-finite loss
+    are handled by the NaN monitor callback.
     """
 
     layout_name = "t2i"
@@ -99,8 +102,9 @@ class SequenceTask(CogViewTask):
                  sample_dir: str | None = None, max_text_len: int = 64,
                  caption_dropout: float = 0.0, sample_prompts: list[str] | None = None,
                  sample_seed: int = 0, sample_top_k: int = 200, sample_temperature: float = 1.0,
-                 fixed_image_positions: bool = False) -> None:
+                 fixed_image_positions: bool = False, loss_vocab: str = "span") -> None:
         super().__init__()
+        check_loss_vocab(loss_vocab)
         self.save_hyperparameters()
         # image position ids independent of the caption's length (layouts.py)
         self.text_slots = text_slots_for(fixed_image_positions, max_text_len)
@@ -153,26 +157,37 @@ class SequenceTask(CogViewTask):
                 "max_text_len")
 
     # ------------------------------------------------------------------ loss
+    def text_end_ids(self) -> list[int]:
+        """Command ids that may end a text in this layout (scored with the text ids under
+        ``loss_vocab=span``); none by default."""
+        return []
+
     def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Weighted next-token loss and its image / text parts."""
+        """Weighted next-token loss and its image / text parts, over ``loss_vocab``."""
         input_ids = batch["input_ids"]  # (B, T)
-        logits = self.model(input_ids[:, :-1], batch["position_ids"][:, :-1],
-                            batch["attention_mask"][:, :-1])  # (B, T-1, V)
+        span = self.hparams.loss_vocab == "span"
+        out = self.model(input_ids[:, :-1], batch["position_ids"][:, :-1],
+                         batch["attention_mask"][:, :-1], return_hidden=span)  # (B, T-1, C or V)
         targets = input_ids[:, 1:]
         target_mask = batch["loss_mask"][:, 1:].bool()
-        token_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
-                                     reduction="none").view_as(targets)  # (B, T-1)
         weights = torch.where(batch["text_mask"][:, :-1].bool(),
                               self.hparams.txt_loss_scale, 1.0) * target_mask
-        loss = (token_loss * weights).sum() / weights.sum().clamp_min(1.0)
-        text_lo, text_hi = self.vocab.text_range
-        is_image = targets < self.vocab.num_image_codes
-        is_text = (targets >= text_lo) & (targets < text_hi)
-        parts = {}  # command-token targets ([BOI1], [EOI1], ...) count only in the total
-        for name, mask in (("image", target_mask & is_image), ("text", target_mask & is_text)):
-            if mask.any():
-                parts[f"{name}_loss"] = token_loss[mask].mean().detach()
-        return {"loss": loss, **parts}
+        if span:
+            return span_loss(self.model, out, targets, target_mask, weights, self.vocab,
+                             self.text_end_ids())
+        return full_loss(out, targets, target_mask, weights, self.vocab)
+
+    @property
+    def loss_part_names(self) -> tuple[str, str]:
+        """The logged names of the image and text losses, saying their vocabulary."""
+        suffix = "_span" if self.hparams.loss_vocab == "span" else ""
+        return f"image_loss{suffix}", f"text_loss{suffix}"
+
+    def log_losses(self, split: str, out: dict, size: int, **kwargs) -> None:
+        self.log(f"{split}/loss", out["loss"], prog_bar=True, batch_size=size, **kwargs)
+        for part, name in zip(("image_loss", "text_loss"), self.loss_part_names):
+            if part in out:
+                self.log(f"{split}/{name}", out[part], batch_size=size, **kwargs)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self.image_tokens is None:
@@ -180,20 +195,12 @@ class SequenceTask(CogViewTask):
             self.image_tokens = codes * 4 // 5 if self.layout_name == "sr" else codes  # sr: hr part
         batch = self.maybe_drop_captions(batch)
         out = self.losses(batch)
-        size = batch["input_ids"].shape[0]
-        self.log("train/loss", out["loss"], prog_bar=True, batch_size=size)
-        for name in ("image_loss", "text_loss"):
-            if name in out:
-                self.log(f"train/{name}", out[name], batch_size=size)
+        self.log_losses("train", out, batch["input_ids"].shape[0])
         return out["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         out = self.losses(batch)
-        size = batch["input_ids"].shape[0]
-        self.log("val/loss", out["loss"], prog_bar=True, batch_size=size, sync_dist=True)
-        for name in ("image_loss", "text_loss"):
-            if name in out:
-                self.log(f"val/{name}", out[name], batch_size=size, sync_dist=True)
+        self.log_losses("val", out, batch["input_ids"].shape[0], sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -261,6 +268,7 @@ class SequenceTask(CogViewTask):
                 "max_text_len": self.hparams.max_text_len, "text_slots": self.text_slots,
                 "image_tokens": self.image_tokens,
                 "caption_end_token": getattr(datamodule, "caption_end_token", None),
+                "loss_vocab": self.hparams.loss_vocab,
                 "text_tokenizer": "text_tokenizer", "image_tokenizer": "vqvae"}
 
     def pipeline(self, precision: str = "auto"):

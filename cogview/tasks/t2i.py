@@ -34,6 +34,9 @@ class T2ITask(SequenceTask):
 
     layout_name = "t2i"
 
+    def text_end_ids(self) -> list[int]:
+        return [self.vocab.base_id]  # [ROI1] text [BASE]
+
     def maybe_drop_captions(self, batch: dict) -> dict:
         p = self.hparams.caption_dropout
         if not p or not self.training:
