@@ -5,8 +5,8 @@ and HF transformers' GPT-2, the Lightning overhead, and model FLOPs utilisation.
         [--vocab cogview|demo] [--steps 4] [--rounds 2]
 
 For each model preset and precision (``auto``: fp32, and bf16 autocast beside it on CPUs
-with native bf16), one run times on the same t2i-shaped batches (text, [BASE] [BOI1], 64
-image codes, [EOI1]), each with AdamW and gradient clipping:
+with native bf16), one run times on the same t2i batches ([ROI1], a shapes-zh caption,
+[BASE] [BOI1], 64 image codes, [EOI1]: about 87 tokens), each with AdamW and clipping:
 
 - ``span``: the CogViewTransformer with ``task.loss_vocab=span`` (each target scored against
   its span's ids, chunked, ``cogview.modules.losses``), in a hand-written loop;
@@ -43,6 +43,7 @@ from cogview.modules.transformer import CogViewTransformer  # noqa: E402
 from cogview.modules.vqvae import VQVAE, VQVAEConfig  # noqa: E402
 from cogview.precision import resolve_precision  # noqa: E402
 from cogview.tasks.t2i import T2ITask  # noqa: E402
+from cogview.tokenization import build_text_tokenizer  # noqa: E402
 from cogview.tokenization.layouts import collate_layouts, t2i_layout  # noqa: E402
 from cogview.tokenization.vocab import CogViewVocab  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
@@ -60,19 +61,29 @@ def load_preset(name: str):
     return OmegaConf.load(PRESETS / f"{name}.yaml")
 
 
-def make_batches(task: T2ITask, batch: int, count: int, image_tokens: int, text_len: int):
-    """Random t2i batches with the real layout (fixed shapes)."""
+def make_batches(task: T2ITask, batch: int, count: int, image_tokens: int,
+                 text_len: int | None):
+    """t2i batches with the real layout: shapes-zh training captions (char tokenizer ids,
+    valid in either vocabulary; 9-33 characters, 19 on average, so about 87 tokens; batches
+    padded to their longest) or, with ``text_len``, random text of that length; random codes."""
+    from cogview.data.shapes import sample_scene
+
     vocab = task.vocab
     generator = torch.Generator().manual_seed(0)
     text_lo, text_hi = vocab.text_range
-    batches = []
+    tokenizer = build_text_tokenizer("char")
+    batches, index = [], 0
     for _ in range(count):
-        layouts = [t2i_layout(vocab, torch.randint(0, text_hi - text_lo, (text_len,),
-                                                   generator=generator).tolist(),
-                              torch.randint(0, vocab.num_image_codes, (image_tokens,),
-                                            generator=generator))
-                   for _ in range(batch)]
-        batches.append(collate_layouts(layouts, vocab.pad_id))
+        layouts = []
+        for _ in range(batch):
+            if text_len:
+                text = torch.randint(0, text_hi - text_lo, (text_len,), generator=generator)
+            else:
+                text = tokenizer.encode(sample_scene(0, "train", index)[1])
+            index += 1
+            codes = torch.randint(0, vocab.num_image_codes, (image_tokens,), generator=generator)
+            layouts.append(t2i_layout(vocab, text, codes))
+        batches.append(collate_layouts(layouts, vocab.pad_id, padding_side="right"))
     return batches
 
 
@@ -122,7 +133,7 @@ def hf_gpt2(task: T2ITask, length: int):
     return GPT2LMHeadModel(GPT2Config(
         vocab_size=config.vocab_size, n_positions=length, n_embd=config.hidden_size,
         n_layer=config.num_layers, n_head=config.num_heads, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0))
+        attn_pdrop=0.0, bos_token_id=config.vocab_size - 1, eos_token_id=config.vocab_size - 1))
 
 
 def hf_loss(model):
@@ -211,7 +222,7 @@ def measure(preset_name: str, precision: str, args, vqvae_dir: str) -> dict:
     full = build_task(preset, vqvae_dir, args.vocab, "full")
     full.model.load_state_dict(span.model.state_dict())
     batches = make_batches(span, batch_size, 4, args.image_tokens, args.text_len)
-    length = batches[0]["input_ids"].shape[1]
+    length = max(b["input_ids"].shape[1] for b in batches)
     gpt2 = hf_gpt2(span, length)
     initial = {k: v.clone() for k, v in span.model.state_dict().items()}
     sides = {
@@ -230,12 +241,12 @@ def measure(preset_name: str, precision: str, args, vqvae_dir: str) -> dict:
                   flush=True)
             times[name].append(run())
     seconds = {name: min(values) for name, values in times.items()}
-    tokens = batches[0]["input_ids"][:, :-1].numel()
+    tokens = sum(int(b["attention_mask"][:, 1:].sum()) for b in batches) / len(batches)
     peak = matmul_flops_per_s(torch.bfloat16 if precision == "bf16-mixed" else torch.float32)
-    span_flops = step_flops(span, batches[0], "span")
+    span_flops = sum(step_flops(span, b, "span") for b in batches) / len(batches)
     row = {
         "preset": preset_name, "precision": precision, "batch": batch_size,
-        "sequence_length": length, "vocab_size": span.vocab.size,
+        "sequence_length": length, "tokens_per_step": tokens, "vocab_size": span.vocab.size,
         "parameters": span.model.num_parameters(),
         "seconds_per_step": seconds,
         "tokens_per_s": {name: tokens / s for name, s in seconds.items()},
@@ -243,11 +254,11 @@ def measure(preset_name: str, precision: str, args, vqvae_dir: str) -> dict:
         "span_speedup_over_hf_gpt2": seconds["hf_gpt2"] / seconds["span"],
         "lightning_overhead": seconds["lightning_span"] / seconds["span"] - 1.0,
         "span_step_gflop": span_flops / 1e9,
-        "full_step_gflop": step_flops(span, batches[0], "full") / 1e9,
+        "full_step_gflop": sum(step_flops(span, b, "full") for b in batches) / len(batches) / 1e9,
         "matmul_gflops": peak / 1e9,
         "span_mfu": span_flops / seconds["span"] / peak,
     }
-    print(f"{preset_name} ({precision}, batch {batch_size}, {length} tokens, vocabulary "
+    print(f"{preset_name} ({precision}, batch {batch_size}, {tokens / batch_size:.0f} tokens, vocabulary "
           f"{row['vocab_size']:,}): span {row['tokens_per_s']['span']:.0f} tok/s "
           f"({seconds['span']:.2f} s/step), full {row['tokens_per_s']['full']:.0f} "
           f"({seconds['full']:.2f} s), HF GPT-2 {row['tokens_per_s']['hf_gpt2']:.0f} "
@@ -268,7 +279,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="default: 32 for demo, 8 otherwise")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--image-tokens", type=int, default=64)
-    parser.add_argument("--text-len", type=int, default=22, help="22: 90-token sequences")
+    parser.add_argument("--text-len", type=int, default=None,
+                        help="random text of this length (default: shapes-zh captions)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out")
     args = parser.parse_args()

@@ -269,3 +269,23 @@ def test_export_records_loss_vocab_and_init_from_crosses_modes(vqvae, tmp_path, 
     task = make_task("caption", vqvae, target)
     task.model.load_state_dict(caption.model.state_dict())
     assert torch.isfinite(task.losses(make_batch("caption", task))["loss"])
+
+
+def test_zero_text_weight_skips_the_text_rows_exactly(vqvae):
+    """txt_loss_scale=0: rows of weight 0 (targets predicted from text positions) are skipped,
+    and the loss and its gradient still equal the reference."""
+    task = make_task("t2i", vqvae, "span", txt_loss_scale=0.0)
+    batch = make_batch("t2i", task)
+    out = task.losses(batch)
+    from cogview.modules.losses import span_groups
+
+    targets, mask = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:].bool()
+    groups = span_groups(task.vocab, targets, mask, task.text_end_ids())
+    weighted = groups.text & ~batch["text_mask"][:, :-1].bool()  # predicted from [ROI1] only
+    assert int(weighted.sum()) == batch["input_ids"].shape[0] < int(groups.text.sum())
+    expected = reference_span_loss(task, batch)
+    torch.testing.assert_close(out["loss"], expected, rtol=1e-5, atol=1e-6)
+    got, want = grads(task, out["loss"]), grads(task, expected)
+    for name in want:
+        torch.testing.assert_close(got.get(name, torch.zeros_like(want[name])), want[name],
+                                   rtol=1e-4, atol=1e-7, msg=name)
