@@ -161,8 +161,8 @@ def span_loss(model, hidden: torch.Tensor, targets: torch.Tensor, target_mask: t
     """
     groups = span_groups(vocab, targets, target_mask, end_ids)
     denominator = (weights * (groups.image | groups.text)).sum().clamp_min(1.0)
-    # targets of weight 0 (txt_loss_scale=0) change neither the loss nor its gradient: skip
-    # their rows (the text part is then not computed, nor logged)
+    # targets of weight 0 (txt_loss_scale=0: those predicted from text positions) change
+    # neither the loss nor its gradient: skip their rows
     groups.image &= weights > 0
     groups.text &= weights > 0
     embedding = model.word_embeddings.weight
