@@ -7,8 +7,9 @@ Tabs: text-to-image (a gallery with caption scores, a progress bar that follows 
 tokens, a zip of the PNGs and the results.jsonl rows infer.py writes), captioning,
 super-resolution (before/after) and completion. A tab whose model is not loaded is shown
 disabled with a note on how to get one. Requests wait in a bounded queue and run one model call
-at a time; a bad request (empty prompt, unreadable or too large upload) gets a message in the
-page, never a traceback, and the app keeps serving.
+at a time; a bad request (empty prompt, unreadable or too large upload, a decompression bomb)
+gets a message in the page, never a traceback, and the app keeps serving. Request folders and
+Gradio's cached files older than cleanup.max_age_hours are deleted, so it can run for days.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ import contextlib  # noqa: E402
 import html  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
+import time  # noqa: E402
 import zipfile  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -37,7 +40,8 @@ import gradio as gr  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
-from cogview.data.images import ImageDecodeError, load_image, resize_center_crop  # noqa: E402
+from cogview.data.images import (DEFAULT_MAX_PIXELS, ImageDecodeError, load_image,  # noqa: E402
+                                 resize_center_crop)
 from cogview.inference import write_rows  # noqa: E402
 from cogview.pipeline import Pipeline, find_exports, grid_side  # noqa: E402
 
@@ -52,6 +56,9 @@ HOW_TO_GET = {
                "(it also enables reranking and caption scores)",
     "sr": "`python train.py task=sr ...`, then copy its export to `<ckpt>/sr`",
 }
+# The folders DemoApp._save makes per request (tempfile.mkdtemp: a prefix + 8 random characters);
+# the cleanup deletes nothing else, whatever else output_dir holds.
+REQUEST_FOLDER = re.compile(r"(t2i|sr|completion)-[a-z0-9_]{8}")
 REGIONS = [("下半部分 bottom half", "bottom"), ("上半部分 top half", "top"),
            ("左半部分 left half", "left"), ("右半部分 right half", "right"),
            ("矩形 box (pixels below)", "box")]
@@ -146,9 +153,11 @@ def upload_path(payload) -> tuple[str, str] | None:
     return str(path), name or Path(str(path)).name
 
 
-def read_upload(payload, max_side: int) -> Image.Image:
-    """An uploaded image -> RGB PIL image; nothing uploaded, a file PIL cannot decode or an image
-    above ``max_side`` pixels per side is a message (the size is read before decoding)."""
+def read_upload(payload, max_side: int,
+                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """An uploaded image -> RGB PIL image; nothing uploaded, a file PIL cannot decode, an image
+    above ``max_side`` pixels per side or ``max_pixels`` pixels in all (a decompression bomb;
+    None: no limit) is a message (the size is read before decoding)."""
     upload = upload_path(payload)
     if upload is None:
         raise user_error("没有图片 No image: upload a PNG, JPEG or WebP image first")
@@ -164,8 +173,12 @@ def read_upload(payload, max_side: int) -> Image.Image:
     if max(width, height) > max_side:
         raise user_error(f"{name} is {width}x{height} pixels, above the limit of {max_side} "
                          f"pixels per side (upload.max_side): scale it down and upload it again")
+    if max_pixels is not None and width * height > max_pixels:
+        raise user_error(f"{name} is {width}x{height} = {width * height:,} pixels, above the "
+                         f"limit of {max_pixels:,} pixels (upload.max_pixels): scale it down "
+                         "and upload it again")
     try:
-        return load_image(path, name=name)
+        return load_image(path, name=name, max_pixels=max_pixels)
     except ImageDecodeError as error:
         raise user_error(f"{error}: upload an intact PNG, JPEG or WebP image") from None
 
@@ -180,6 +193,43 @@ def token_progress(progress, desc: str, unit: str = "tokens") -> Callable[[int, 
     def callback(done: int, total: int) -> None:
         progress((done, total), desc=desc, unit=unit)
     return callback
+
+
+def remove_old_outputs(folder: Path, max_age_s: float, keep=frozenset(),
+                       now: float | None = None) -> list[Path]:
+    """Deletes the request folders in ``folder`` (REQUEST_FOLDER names: t2i-*, sr-*,
+    completion-*) last modified more than ``max_age_s`` seconds ago, except those in ``keep``
+    -> the folders removed. Nothing else in ``folder`` is touched."""
+    now = time.time() if now is None else now
+    removed = []
+    for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if not REQUEST_FOLDER.fullmatch(entry.name) or entry in keep or entry.is_symlink():
+            continue
+        try:
+            age = now - entry.stat().st_mtime
+        except FileNotFoundError:  # removed meanwhile (another sweep)
+            continue
+        if entry.is_dir() and age > max_age_s:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    if removed:
+        log.info("removed %d request folder(s) older than %.1f h from %s", len(removed),
+                 max_age_s / 3600, folder)
+    return removed
+
+
+def cleanup_settings(cfg: DictConfig) -> tuple[float | None, float]:
+    """app.yaml cleanup -> (max age of a request folder in seconds or None: keep them all,
+    seconds between sweeps); a value that is not a positive number is a ValueError."""
+    cleanup = cfg.get("cleanup") or {}
+    hours, minutes = cleanup.get("max_age_hours", 24), cleanup.get("interval_minutes", 10)
+    for key, value in (("max_age_hours", hours), ("interval_minutes", minutes)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or value <= 0):
+            raise ValueError(f"cleanup.{key}={value!r} must be a positive number"
+                             + (" (null: keep every request folder)"
+                                if key == "max_age_hours" else ""))
+    return (None if hours is None else float(hours) * 3600), float(minutes or 10) * 60
 
 
 def free_port(host: str) -> int:
@@ -203,12 +253,31 @@ class DemoApp:
     def __init__(self, models: DemoModels, cfg: DictConfig) -> None:
         self.models, self.cfg = models, cfg
         self._locks = {task: threading.Lock() for task in TASKS}
+        self.max_age_s, self.sweep_interval_s = cleanup_settings(cfg)
+        self._saving: set[Path] = set()  # request folders being written: never swept
+        self._sweep_lock = threading.Lock()
+        self._last_sweep = float("-inf")
         if cfg.get("output_dir"):
             self.output_dir = Path(cfg.output_dir)
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.sweep_outputs()  # what an earlier run left there
         else:
             self.output_dir = Path(tempfile.mkdtemp(prefix="cogview-app-"))
             atexit.register(shutil.rmtree, self.output_dir, ignore_errors=True)
+
+    def sweep_outputs(self, force: bool = True) -> list[Path]:
+        """Deletes request folders older than cleanup.max_age_hours (not the ones being
+        written) -> the folders removed. force=False: only when cleanup.interval_minutes
+        have passed since the last sweep (each request calls it: the check is cheap)."""
+        if self.max_age_s is None:
+            return []
+        with self._sweep_lock:
+            now = time.monotonic()
+            if not force and now - self._last_sweep < self.sweep_interval_s:
+                return []
+            self._last_sweep = now
+            keep = frozenset(self._saving)
+        return remove_old_outputs(self.output_dir, self.max_age_s, keep)
 
     def _model(self, task: str) -> Pipeline:
         pipe = getattr(self.models, task)
@@ -228,19 +297,32 @@ class DemoApp:
     def max_side(self) -> int:
         return int(self.cfg.upload.max_side)
 
+    def _read_upload(self, payload) -> Image.Image:
+        """read_upload under app.yaml's upload.max_side and upload.max_pixels."""
+        return read_upload(payload, self.max_side,
+                           self.cfg.upload.get("max_pixels", DEFAULT_MAX_PIXELS))
+
     def _save(self, task: str, images: list[Image.Image], rows: list[dict],
               seed: int) -> tuple[list[str], str]:
-        """PNGs + results.jsonl in a fresh folder, and a zip of both -> (PNG paths, zip path)."""
-        folder = Path(tempfile.mkdtemp(prefix=f"{task}-", dir=self.output_dir))
-        paths = []
-        for image, row in zip(images, rows):
-            image.save(folder / row["path"])
-            paths.append(str(folder / row["path"]))
-        write_rows(folder / "results.jsonl", rows)
-        archive = folder / f"cogview_{task}_seed{seed}.zip"
-        with zipfile.ZipFile(archive, "w") as bundle:
-            for name in [row["path"] for row in rows] + ["results.jsonl"]:
-                bundle.write(folder / name, name)
+        """PNGs + results.jsonl in a fresh folder, and a zip of both -> (PNG paths, zip path).
+        Sweeps old request folders first (at most once per cleanup.interval_minutes)."""
+        self.sweep_outputs(force=False)
+        with self._sweep_lock:
+            folder = Path(tempfile.mkdtemp(prefix=f"{task}-", dir=self.output_dir))
+            self._saving.add(folder)
+        try:
+            paths = []
+            for image, row in zip(images, rows):
+                image.save(folder / row["path"])
+                paths.append(str(folder / row["path"]))
+            write_rows(folder / "results.jsonl", rows)
+            archive = folder / f"cogview_{task}_seed{seed}.zip"
+            with zipfile.ZipFile(archive, "w") as bundle:
+                for name in [row["path"] for row in rows] + ["results.jsonl"]:
+                    bundle.write(folder / name, name)
+        finally:
+            with self._sweep_lock:
+                self._saving.discard(folder)
         return paths, str(archive)
 
     @property
@@ -303,7 +385,7 @@ class DemoApp:
     def caption(self, image, greedy=True, seed=0) -> str:
         """An uploaded image -> its caption (greedy, or sampled with ``seed``)."""
         pipe = self._model("caption")
-        picture = read_upload(image, self.max_side)
+        picture = self._read_upload(image)
         seed = as_int(seed, "seed", 0, MAX_SEED)
         with self._using("caption"), user_errors():
             text = pipe.caption([picture], greedy=bool(greedy), seed=seed, progress=False,
@@ -316,7 +398,7 @@ class DemoApp:
         """An uploaded image (+ its description; empty: the caption model's caption) -> the
         (before, after) pair (before: the model's input upscaled bicubic) and a zip."""
         pipe = self._model("sr")
-        picture = read_upload(image, self.max_side)
+        picture = self._read_upload(image)
         seed = as_int(seed, "seed", 0, MAX_SEED)
         input_side = int(self.cfg.sr.get("input_side") or 8 * pipe.sr_window)
         with user_errors():
@@ -347,7 +429,7 @@ class DemoApp:
         box [left, top, right, bottom] in pixels of the image at the model's size), as
         (gallery items, zip path, the results.jsonl text)."""
         pipe = self._model("t2i")
-        picture = read_upload(image, self.max_side)
+        picture = self._read_upload(image)
         prompt = check_prompt(prompt)
         num_images = as_int(num_images, "number of images", 1, self.cfg.t2i.max_num_images)
         seed = as_int(seed, "seed", 0, MAX_SEED - self.cfg.t2i.max_num_images)
@@ -377,6 +459,15 @@ def _missing_note(task: str, what: str) -> None:
                 elem_classes=["missing-model"])
 
 
+def gradio_cache_cleanup(app: DemoApp) -> tuple[int, int] | None:
+    """Blocks(delete_cache=(every, age)) in seconds: Gradio's copies of uploads and results
+    are deleted on the same schedule as the request folders (None: cleanup.max_age_hours
+    is null, keep them)."""
+    if app.max_age_s is None:
+        return None
+    return max(1, round(app.sweep_interval_s)), max(1, round(app.max_age_s))
+
+
 def build_demo(app: DemoApp) -> gr.Blocks:
     """The Blocks page: one tab per task, each wired to a DemoApp handler (API names
     /generate, /caption, /super_resolve, /complete)."""
@@ -385,7 +476,8 @@ def build_demo(app: DemoApp) -> gr.Blocks:
     loaded = " · ".join(f"{task}: `{models.sources[task]}`" if have[task] else f"{task}: —"
                         for task in TASKS)
     queued = dict(concurrency_id="model", concurrency_limit=cfg.queue.concurrency_limit)
-    with gr.Blocks(title=cfg.title, analytics_enabled=False) as demo:
+    with gr.Blocks(title=cfg.title, analytics_enabled=False,
+                   delete_cache=gradio_cache_cleanup(app)) as demo:
         gr.Markdown(f"# {cfg.title}\nCogView-style Chinese text-to-image. Models: {loaded}")
         with gr.Tabs():
             # ---------------------------------------------------------------- text to image

@@ -4,6 +4,7 @@ one results.jsonl."""
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import os
@@ -14,12 +15,16 @@ from omegaconf import DictConfig
 from PIL import Image
 from tqdm import tqdm
 
-from cogview.data.images import ImageDecodeError, load_image, resize_center_crop
+from cogview.data.images import (DEFAULT_MAX_PIXELS, ImageDecodeError, load_image,
+                                 resize_center_crop)
 from cogview.visualize import comparison_grid, psnr, tensor_to_pil
 
 log = logging.getLogger("cogview.infer")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 TASKS = ("vqvae", "t2i", "caption", "rerank", "sr", "complete", "eval")
+# What one sample may raise without stopping the run: it gets an "error" in its results.jsonl row
+# (ImageDecodeError is a ValueError: unreadable, truncated or above max_pixels).
+SAMPLE_ERRORS = (ImageDecodeError, FileNotFoundError, ValueError, MemoryError)
 
 
 def list_images(entries) -> list[Path]:
@@ -34,6 +39,22 @@ def list_images(entries) -> list[Path]:
     if not paths:
         raise ValueError("no images given: pass images=[file.png,folder/]")
     return paths
+
+
+def open_image(cfg: DictConfig, path: str | Path) -> Image.Image:
+    """The image at ``path`` as RGB, refused from its header when it has more than
+    ``cfg.max_pixels`` pixels (a decompression bomb; null: no limit) -> ImageDecodeError."""
+    return load_image(path, max_pixels=cfg.get("max_pixels", DEFAULT_MAX_PIXELS))
+
+
+def sample_error(row: dict, source, error: BaseException) -> None:
+    """Records a failed sample: ``error`` in its row (naming the sample) and a warning."""
+    message = str(error) or ("out of memory" if isinstance(error, MemoryError)
+                             else type(error).__name__)
+    if str(source) not in message:
+        message = f"{source}: {message}"
+    row["error"] = message
+    log.warning("skipped %s: %s", source, message)
 
 
 def crop_to_multiple(image: Image.Image, multiple: int = 8) -> Image.Image:
@@ -59,11 +80,10 @@ def reconstruct(cfg: DictConfig) -> Path:
     for index, path in enumerate(tqdm(list_images(cfg.images), desc="reconstructing", unit="img")):
         row = {"id": index, "source": str(path)}
         try:
-            image = load_image(path)
+            image = open_image(cfg, path)
             image = resize_center_crop(image, cfg.size) if cfg.size else crop_to_multiple(image)
-        except (ImageDecodeError, FileNotFoundError, ValueError) as error:
-            row["error"] = str(error)
-            log.warning("skipped %s: %s", path, error)
+        except SAMPLE_ERRORS as error:
+            sample_error(row, path, error)
             rows.append(row)
             continue
         codes = model.encode(image)  # (1, h, w)
@@ -76,9 +96,7 @@ def reconstruct(cfg: DictConfig) -> Path:
                    psnr=round(float(psnr(original[None], recon[None])), 3),
                    code_grid=list(codes.shape[1:]))
         rows.append(row)
-    with open(out / "results.jsonl", "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_rows(out / "results.jsonl", rows)
     failed = sum("error" in row for row in rows)
     log.info("%d images reconstructed, %d failed; results in %s", len(rows) - failed, failed, out)
     return out
@@ -88,10 +106,36 @@ def reconstruct(cfg: DictConfig) -> Path:
 # t2i
 
 
+def read_text(path: Path, encoding: str, key: str) -> str:
+    """The text of ``path`` in ``encoding`` (UTF-8: a leading byte-order mark is dropped).
+
+    Bytes that are not valid in that encoding are a ValueError naming the file, the line, the
+    encoding and the fix (save the file as UTF-8, or pass ``encoding=`` with its encoding).
+    """
+    try:
+        codec = codecs.lookup(encoding).name
+    except LookupError:
+        raise ValueError(f"encoding={encoding!r} (for {key}={path}) is not a text encoding "
+                         "Python knows: use e.g. utf-8, gbk, gb18030 or big5") from None
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig" if codec == "utf-8" else codec)
+    except UnicodeDecodeError as error:
+        before = data[:error.start].decode(codec, errors="replace")
+        line = before.count("\n") + 1
+        column = len(before) - (before.rfind("\n") + 1) + 1
+        bad = data[error.start:error.end].hex(" ")
+        raise ValueError(
+            f"{key}={path}: line {line}, column {column} is not valid {codec.upper()} text "
+            f"(bytes {bad}); save the file as UTF-8, or pass its encoding, e.g. encoding=gbk "
+            "(also gb18030, big5, utf-16)") from None
+
+
 def read_prompts(cfg: DictConfig) -> list[tuple[object, str]]:
     """(id, prompt) pairs from ``prompts=[...]`` or ``prompts_file=`` (.txt: one prompt per
-    line, id = line number; .jsonl: rows with "prompt" and optional "id"). An empty prompt is
-    a ValueError naming its line or id."""
+    line, id = line number; .jsonl: rows with "prompt" and optional "id"), read in
+    ``encoding`` (default utf-8). An empty prompt or a line that is not valid in the encoding
+    is a ValueError naming its line or id."""
     prompts = list(cfg.get("prompts") or [])
     prompts_file = cfg.get("prompts_file")
     if prompts and prompts_file:
@@ -101,7 +145,7 @@ def read_prompts(cfg: DictConfig) -> list[tuple[object, str]]:
         path = Path(prompts_file)
         if not path.is_file():
             raise FileNotFoundError(f"prompts_file={path} not found")
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = read_text(path, cfg.get("encoding") or "utf-8", "prompts_file").splitlines()
         while lines and not lines[-1].strip():
             lines.pop()  # trailing blank lines are not prompts
         for number, line in enumerate(lines, start=1):
@@ -284,16 +328,16 @@ def text_to_image(cfg: DictConfig, shards: Shards) -> Path:
 # images in: caption, rerank, sr
 
 
-def read_images(paths: list[Path], prepare) -> list[tuple[dict, object]]:
-    """(row, prepared image or None) per path; an unreadable image gets an "error" in its row."""
+def read_images(cfg: DictConfig, paths: list[Path], prepare) -> list[tuple[dict, object]]:
+    """(row, ``prepare(image)`` or None) per path; an image that cannot be read (missing,
+    truncated, above cfg.max_pixels, out of memory) gets an "error" in its row."""
     items = []
     for index, path in enumerate(paths):
         row = {"id": index, "path": str(path), "_order": index}
         try:
-            items.append((row, prepare(path)))
-        except (ImageDecodeError, FileNotFoundError, ValueError) as error:
-            row["error"] = str(error)
-            log.warning("skipped %s: %s", path, error)
+            items.append((row, prepare(open_image(cfg, path))))
+        except SAMPLE_ERRORS as error:
+            sample_error(row, path, error)
             items.append((row, None))
     return items
 
@@ -337,7 +381,7 @@ def caption_images(cfg: DictConfig, shards: Shards) -> Path:
     paths = list_images(cfg.images)
     pipe = load_pipeline(cfg)
     out = prepare_output(cfg, shards)
-    items = read_images([paths[i] for i in shards.mine(len(paths))], pipe.prepare_image)
+    items = read_images(cfg, [paths[i] for i in shards.mine(len(paths))], pipe.prepare_image)
     for (row, _), index in zip(items, shards.mine(len(paths))):
         row["id"] = row["_order"] = index
     add_captions(cfg, pipe, items)
@@ -385,7 +429,7 @@ def rerank_images(cfg: DictConfig, shards: Shards) -> Path:
     if shards.rank != 0:  # the images are ranked together: rank 0 scores them all
         return finish(out, [], shards, "rerank")
     pipe = load_pipeline(cfg)
-    items = read_images(paths, pipe.prepare_image)
+    items = read_images(cfg, paths, pipe.prepare_image)
     good = [(row, image) for row, image in items if image is not None]
     rows = [row for row, _ in items]
     if good:
@@ -430,7 +474,6 @@ def super_resolve(cfg: DictConfig, shards: Shards) -> Path:
     """task=sr: each image + its caption -> a 2x image (one window, or CogView's sliding 3x3
     windows for images larger than the model's window); writes <i>_sr.png, a before/after
     picture (bicubic 2x | sr) and results.jsonl (id, source, prompt, path, pair, size)."""
-    from cogview.data.images import load_image
     from cogview.generation.superres import check_refine_args
 
     pairs = sr_inputs(cfg)
@@ -444,16 +487,15 @@ def super_resolve(cfg: DictConfig, shards: Shards) -> Path:
         row = {"id": index, "source": str(path), "prompt": prompt, "_order": index}
         rows.append(row)
         try:
-            image = load_image(path)
+            image = open_image(cfg, path)
             (result,) = pipe.super_resolve(image, prompt, seed=cfg.seed + index,
                                            temperature=cfg.temperature, top_k=cfg.top_k,
                                            top_p=cfg.top_p, refine_sweeps=cfg.refine_sweeps,
                                            refine_candidates=cfg.refine_candidates,
                                            refine_codebook=cfg.refine_codebook,
                                            progress=False)
-        except (ImageDecodeError, FileNotFoundError, ValueError) as error:
-            row["error"] = str(error)
-            log.warning("skipped %s: %s", path, error)
+        except SAMPLE_ERRORS as error:
+            sample_error(row, path, error)
             continue
         side = result.width // 2
         bicubic = image.resize((side, side), Image.Resampling.BICUBIC) if image.size != (side, side) \
@@ -493,8 +535,13 @@ def complete_image(cfg: DictConfig, shards: Shards) -> Path:
     if shards.rank != 0:  # one image: rank 0 does it
         return finish(out, [], shards, "complete")
     pipe = load_pipeline(cfg)
-    original = pipe.prepare_image(cfg.image)
     region = parse_region(cfg.region)
+    try:
+        original = pipe.prepare_image(open_image(cfg, cfg.image))
+    except SAMPLE_ERRORS as error:  # unreadable, truncated, above max_pixels: an error row
+        row = {"id": 0, "image": str(cfg.image), "prompt": cfg.prompt, "_order": 0}
+        sample_error(row, cfg.image, error)
+        return finish(out, [row], shards, "complete")
     samples = pipe.complete(original, cfg.prompt, region=region,
                             num_images=cfg.num_samples, seed=cfg.seed,
                             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,

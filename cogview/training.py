@@ -11,8 +11,10 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from cogview.callbacks.checkpoint import remove_stale_temporaries
 from cogview.modules.transformer import TransformerConfig
 from cogview.precision import resolve_precision
+from cogview.safe_load import check_finite, load_torch_file
 
 log = logging.getLogger("cogview.train")
 
@@ -70,8 +72,10 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
                        plugins=[AtomicCheckpointIO()])
 
 
-def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
-    """``last`` means ``<output_dir>/checkpoints/last.ckpt``; anything else must exist."""
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: str,
+                      trust_pickle: bool = False) -> str | None:
+    """``last`` means ``<output_dir>/checkpoints/last.ckpt``; anything else must exist, load
+    weights-only (unless ``trust_pickle``) and hold finite weights."""
     if not ckpt_path:
         return None
     path = Path(output_dir) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
@@ -79,18 +83,26 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
         hint = (" (ckpt_path=last looks in this run's directory: rerun with "
                 "hydra.run.dir=<the old run's directory>)") if ckpt_path == "last" else ""
         raise FileNotFoundError(f"checkpoint {path} not found{hint}")
+    checkpoint = load_torch_file(path, trust_pickle=trust_pickle)  # memory-mapped: cheap
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"ckpt_path={path} is not a Lightning checkpoint (no state_dict entry)")
+    check_finite(checkpoint["state_dict"], f"ckpt_path={path}")
     return str(path)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fits the configured task; exports it to ``cfg.export_dir`` when set."""
     check_schemas(cfg)
+    trust_pickle = bool(cfg.get("trust_pickle", False))
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.output_dir, trust_pickle)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     task = build_task(cfg)
     trainer = build_trainer(cfg)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.output_dir)
-    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+    for directory in {Path(cfg.output_dir) / "checkpoints",
+                      *([Path(ckpt_path).parent] if ckpt_path else [])}:
+        remove_stale_temporaries(directory)
+    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not trust_pickle)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("export_dir") and trainer.is_global_zero:
         exported = task.export(cfg.export_dir)

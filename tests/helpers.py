@@ -37,6 +37,13 @@ def make_token_shards(vqvae_dir, out, n: int = 64, size: int = 64, sr: bool = Fa
     return out
 
 
+def make_run_assets(root, n: int, shard_size: int) -> dict:
+    """A tiny VQ-VAE and t2i token shards of ``n`` 64-px shapes-zh samples under ``root``."""
+    vqvae = make_vqvae(root / "vqvae")
+    return {"vqvae": vqvae,
+            "shards": make_token_shards(vqvae, root / "shards", n=n, size=64, shard_size=shard_size)}
+
+
 def make_exports(root, t2i_text_len: int, caption_text_len: int):
     """Tiny random t2i and caption export directories (SequenceTask.export, no training)."""
     import torch

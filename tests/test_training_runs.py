@@ -13,15 +13,12 @@ import torch
 
 from cogview.export import export_checkpoint
 from cogview.modules.transformer import CogViewTransformer
-from tests.helpers import ROOT, TINY_MODEL, make_token_shards, make_vqvae
+from tests.helpers import ROOT, TINY_MODEL, make_run_assets, make_token_shards
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("run-assets")
-    vqvae = make_vqvae(root / "vqvae")
-    return {"vqvae": vqvae,
-            "shards": make_token_shards(vqvae, root / "shards", n=64, size=64, shard_size=16)}
+    return make_run_assets(tmp_path_factory.mktemp("run-assets"), n=64, shard_size=16)
 
 
 def base_command(assets, *extra):

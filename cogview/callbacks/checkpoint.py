@@ -3,7 +3,9 @@ rename), and a ModelCheckpoint whose last.ckpt always holds the final step."""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,8 @@ import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+log = logging.getLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -36,7 +40,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """``torch.save(obj, path)`` that never leaves a partial file under ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    temporary = _temporary_name(path)
     try:
         with open(temporary, "wb") as handle:
             torch.save(obj, handle)
@@ -48,6 +52,40 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
         raise
     _fsync_directory(path.parent)  # and the rename itself survives a power loss
     return path
+
+
+def _temporary_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Deletes the temporary files of checkpoint writes that were killed (``.<name>.tmp<pid>``
+    whose writer process no longer runs on this machine); returns what was removed. A write
+    in progress (its process alive) is left alone. train.py calls it before fitting."""
+    directory = Path(directory)
+    removed = []
+    for temporary in directory.glob(".*.tmp*") if directory.is_dir() else ():
+        found = re.fullmatch(r"\..+\.tmp(\d+)", temporary.name)
+        if found is None or not temporary.is_file() or _process_alive(int(found.group(1))):
+            continue
+        size = temporary.stat().st_size
+        temporary.unlink(missing_ok=True)
+        removed.append(temporary)
+        log.info("removed %s (%.1f MB), left by a checkpoint write that was killed",
+                 temporary, size / 1e6)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
 def _fsync_directory(directory: Path) -> None:

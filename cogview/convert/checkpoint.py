@@ -2,20 +2,17 @@
 
 - ``find_model_states``: a Megatron/DeepSpeed (or SwissArmyTransformer) checkpoint directory
   -> the path of its ``<iteration>/mp_rank_00_model_states.pt``.
-- ``load_torch_file``: ``torch.load(mmap=True, weights_only=True)`` with a small allowlist;
-  anything else is refused unless the user passes ``trust_pickle=true``.
+- ``load_torch_file`` (cogview.safe_load): ``torch.load(mmap=True, weights_only=True)`` with a
+  small allowlist; anything else is refused unless the user passes ``trust_pickle=true``.
 - ``write_safetensors``: streams tensors to a ``.safetensors`` file one at a time, straight from
   their (memory-mapped) storage, so converting never holds a second copy of the weights.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import pickle
-import re
 import struct
 from pathlib import Path
 from typing import Any, Mapping
@@ -23,48 +20,19 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from cogview.safe_load import (  # noqa: F401  (re-exported: cogview.convert's API)
+    CheckpointError,
+    UnsafeCheckpointError,
+    load_torch_file,
+    safe_globals,
+)
+
 log = logging.getLogger(__name__)
 
 # Megatron-LM / CogView name the iteration file latest_checkpointed_iteration.txt; DeepSpeed and
 # SwissArmyTransformer name it latest. Either holds an iteration number (or "release").
 ITERATION_FILES = ("latest_checkpointed_iteration.txt", "latest")
 MODEL_STATES = "mp_rank_00_model_states.pt"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file or directory that cannot be converted; the message says why."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """The file needs arbitrary pickled objects; only ``trust_pickle=true`` loads it."""
-
-
-def _numpy_reconstruct():
-    """numpy's array-unpickling function (moved to numpy._core in numpy 2)."""
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy 1.x
-        from numpy.core.multiarray import _reconstruct
-    return _reconstruct
-
-
-def safe_globals() -> list:
-    """What ``weights_only`` loading accepts beyond tensors and plain containers.
-
-    Megatron, DeepSpeed and CogView's own ``save_ds_checkpoint`` store their command line as an
-    ``argparse.Namespace`` ("args") and numpy's RNG state (an ndarray) next to the weights.
-    Neither can run code when unpickled: a Namespace only receives attributes, an ndarray only
-    raw bytes. Any other class is refused (see ``load_torch_file``).
-    """
-    reconstruct = _numpy_reconstruct()
-    return [
-        argparse.Namespace,
-        np.ndarray,
-        np.dtype,
-        type(np.dtype(np.uint32)),  # numpy 2 pickles the dtype's class (numpy.dtypes.UInt32DType)
-        reconstruct,
-        (reconstruct, "numpy.core.multiarray._reconstruct"),  # name in numpy 1.x pickles
-    ]
 
 
 def find_model_states(src: str | Path) -> Path:
@@ -101,47 +69,6 @@ def find_model_states(src: str | Path) -> Path:
             "checkpoints (model-parallel size 1, as CogView released them) can be converted: "
             "merge the ranks first")
     return path
-
-
-def load_torch_file(path: str | Path, trust_pickle: bool = False) -> Any:
-    """``torch.load`` of ``path`` on CPU, memory-mapped, with weights-only unpickling.
-
-    Tensors stay backed by the file (mmap): nothing is read until used, and a converter that
-    writes them out never holds a copy. Files from before PyTorch 1.6 (no zip format) cannot be
-    mapped and are read into memory instead (with a warning).
-
-    trust_pickle: False (default) accepts tensors, containers and ``safe_globals()``; a file
-    needing anything else raises UnsafeCheckpointError. True unpickles arbitrary objects,
-    which can execute code hidden in the file: use it only for files from a source you trust.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    kwargs = dict(map_location="cpu", weights_only=not trust_pickle)
-    try:
-        return _load(path, mmap=True, **kwargs)
-    except RuntimeError as error:
-        if "zip" not in str(error).lower() and "mmap" not in str(error).lower():
-            raise
-        log.warning("%s is in PyTorch's legacy (pre-1.6) format and cannot be memory-mapped; "
-                    "reading it into memory (peak memory about twice the file size)", path)
-        return _load(path, mmap=False, **kwargs)
-
-
-def _load(path: Path, mmap: bool, map_location: str, weights_only: bool) -> Any:
-    if not weights_only:
-        return torch.load(path, map_location=map_location, mmap=mmap, weights_only=False)
-    try:
-        with torch.serialization.safe_globals(safe_globals()):
-            return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
-    except pickle.UnpicklingError as error:
-        found = re.search(r"GLOBAL ([\w.]+)", str(error))
-        what = f"a {found.group(1)} object" if found else "pickled Python objects"
-        raise UnsafeCheckpointError(
-            f"{path} contains {what}, which weights-only loading refuses (it accepts tensors, "
-            "containers, argparse.Namespace and numpy arrays). If you trust where the file came "
-            "from, re-run with trust_pickle=true: that unpickles arbitrary objects, and a "
-            "malicious file can run any code on your machine while loading") from None
 
 
 def extract_state_dict(checkpoint: Any, path: str | Path,

@@ -16,6 +16,14 @@ exactly one consumer, in every mode:
 `resampled=true` instead draws shards with replacement, forever, independently per consumer
 (the usual mode for long training runs; set trainer.max_steps).
 
+Resuming (`ckpt_path=...`). The DataModule hands the stream the trainer's epoch and the batches
+of that epoch already trained on (`resume_point`). Per-epoch mode then replays the epoch's order
+and drops those batches unseen by the model, so the resumed run trains on exactly the batches an
+uninterrupted run would have (each DataLoader worker drops the batches it had delivered: exact
+while every worker still has data; resuming in an epoch's last `num_workers` batches, after a
+worker ran dry, may repeat or drop up to num_workers - 1 of them). Resampled mode mixes the
+resume point into its seeds: the resumed run draws fresh batches, never the run's first ones.
+
 Layouts come from cogview.tokenization.layouts: `LayoutBatcher` calls the real layout function
 once per distinct (text length, image length) and reuses that structure for every sample of
 the same lengths, filling in only the ids; batches equal `collate_layouts` of the per-sample
@@ -397,19 +405,26 @@ class TokenShardStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.drop_last, self.return_captions = drop_last, return_captions
         self.epoch = 0
+        self.batches_done = 0
         plan_split(len(self.urls), world_size, 1, split_by)  # validates split_by early
         self.skipped: Counter = Counter()  # per process (each worker counts its own)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Use `epoch` for the next iteration's shard order (then count up from it)."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, batches_done: int = 0) -> None:
+        """Use `epoch` for the next iteration's shard order (then count up from it).
+
+        batches_done: batches of that epoch already trained on (a resumed run): per-epoch mode
+        drops them, resampled mode mixes the number into its seeds; later epochs start whole.
+        """
+        if epoch < 0 or batches_done < 0:
+            raise ValueError(f"set_epoch(epoch={epoch}, batches_done={batches_done}): both >= 0")
+        self.epoch, self.batches_done = epoch, batches_done
 
     # -- stages ----------------------------------------------------------------------------
-    def _records(self, worker: int, num_workers: int, epoch: int) -> Iterator:
+    def _records(self, worker: int, num_workers: int, epoch: int, resume: str = "") -> Iterator:
         """TarRecords this consumer owns, in shard order."""
         select = {"txt", "text_ids.npy", "image_codes.npy", "lowres_codes.npy"}
         if self.resampled:
-            rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker}")
+            rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker}{resume}")
             empty_draws = 0
             while True:
                 found = False
@@ -471,25 +486,52 @@ class TokenShardStream(IterableDataset):
 
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        epoch = self.epoch
-        self.epoch += 1
-        samples: Iterator[TokenSample] = self._samples(self._records(worker, num_workers, epoch))
+        epoch, done = self.epoch, self.batches_done
+        self.epoch, self.batches_done = epoch + 1, 0
+        # resampled: fresh draws after a resume; per-epoch: drop what this worker had delivered
+        # (the DataLoader takes batch n from worker n mod num_workers)
+        resume = f"/resume{done}" if self.resampled and done else ""
+        skip = 0 if self.resampled else len(range(worker, done, num_workers))
+        samples: Iterator[TokenSample] = self._samples(
+            self._records(worker, num_workers, epoch, resume))
         if self.shuffle_buffer > 1:
-            seed = f"{self.seed}/{epoch}/{self.rank}/{worker}/buffer"
+            seed = f"{self.seed}/{epoch}/{self.rank}/{worker}/buffer{resume}"
             samples = shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
                               seed=seed)(samples)
+        if skip:
+            log.info("resuming epoch %d: dropping the %d batches worker %d had delivered",
+                     epoch, skip, worker)
         batch: list[_Row] = []
         for row in self._rows(samples):
             batch.append(row)
             if len(batch) == self.batch_size:
-                yield self.batcher.collate_rows(batch)
+                if skip:
+                    skip -= 1
+                else:
+                    yield self.batcher.collate_rows(batch)
                 batch = []
-        if batch and not self.drop_last:
+        if batch and not self.drop_last and not skip:
             yield self.batcher.collate_rows(batch)
 
 
 # ------------------------------------------------------------------------------------------------
 # the DataModule
+
+
+def resume_point(trainer) -> tuple[int, int]:
+    """(epoch, batches of it already trained on) of a trainer: (0, 0) for a fresh run, the
+    checkpoint's position after ``ckpt_path`` restored it (Lightning restores the loops
+    before it asks for the train DataLoader)."""
+    fit_loop = getattr(trainer, "fit_loop", None)
+    if fit_loop is None:  # no trainer (or a stand-in without loops)
+        return 0, 0
+    # epochs: ready > processed while one is in progress (a checkpoint from its last batch
+    # has it processed, its end hooks not yet completed); batches: of that epoch, the batch
+    # of a checkpoint written in on_train_batch_end counts as processed, not yet completed
+    epochs = fit_loop.epoch_progress.current
+    batches = fit_loop.epoch_loop.batch_progress.current
+    in_progress = epochs.ready > epochs.processed
+    return int(epochs.processed), int(batches.processed) if in_progress else 0
 
 
 def _rank_and_world(trainer) -> tuple[int, int]:
@@ -718,7 +760,13 @@ class TokenDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
-        return self._loader(self._stream(self.train_set, train=True))
+        stream = self._stream(self.train_set, train=True)
+        epoch, done = resume_point(self.trainer)
+        if epoch or done:
+            log.info("train stream resumes at epoch %d after %d batches of it (%s)", epoch, done,
+                     "fresh draws: resampled" if stream.resampled else "the rest of the epoch")
+        stream.set_epoch(epoch, done)
+        return self._loader(stream)
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup("validate")

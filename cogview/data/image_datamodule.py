@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from cogview.data.images import ImageDecodeError, load_image, resize_center_crop
+from cogview.data.images import (DEFAULT_MAX_PIXELS, ImageDecodeError, load_image,
+                                 resize_center_crop)
 from cogview.data.shapes import ShapesZh
 
 log = logging.getLogger(__name__)
@@ -47,12 +48,15 @@ class SkipCounter:
 class ShardImages(IterableDataset):
     """Images from WebDataset shards (img2dataset layout), resized and centre-cropped.
 
-    Undecodable or missing images are skipped and counted, never fatal.
+    Undecodable or missing images are skipped and counted, never fatal: unreadable or truncated
+    bytes, images whose header claims more than ``max_pixels`` pixels (decompression bombs,
+    refused before decoding; None: no limit) and images that run out of memory while decoding.
     """
 
     def __init__(self, urls: str | list[str], size: int, shuffle: int = 1000,
-                 resampled: bool = False) -> None:
+                 resampled: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
         self.urls, self.size, self.shuffle, self.resampled = urls, size, shuffle, resampled
+        self.max_pixels = max_pixels
         self.skipped = SkipCounter()
 
     def __iter__(self):
@@ -78,13 +82,13 @@ class ShardImages(IterableDataset):
             log.warning("skipped sample %s: no image member (%s)", key, "/".join(IMAGE_EXTENSIONS))
             return None
         try:
-            image = load_image(data, name=key)
-        except ImageDecodeError as error:
+            image = load_image(data, name=key, max_pixels=self.max_pixels)
+            return image_to_tensor(resize_center_crop(image, self.size))
+        except (ImageDecodeError, MemoryError) as error:  # MemoryError: resizing a large one
             self.skipped.undecodable += 1
-            log.warning("skipped sample: %s (%d undecodable so far)", error,
-                        self.skipped.undecodable)
+            log.warning("skipped sample: %s (%d undecodable so far)",
+                        str(error) or f"image {key}: out of memory", self.skipped.undecodable)
             return None
-        return image_to_tensor(resize_center_crop(image, self.size))
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -92,13 +96,15 @@ class ImageDataModule(L.LightningDataModule):
 
     source=shapes renders shapes-zh (train split for training, the held-out split for
     validation); source=shards reads ``train_shards`` / ``val_shards`` (brace patterns
-    or lists of local paths / URLs WebDataset can open).
+    or lists of local paths / URLs WebDataset can open); shard images above ``max_pixels``
+    pixels (None: no limit) are skipped and counted like undecodable ones.
     """
 
     def __init__(self, source: str = "shapes", size: int = 64, batch_size: int = 64,
                  num_workers: int = 1, train_length: int = 100_000, val_length: int = 256,
                  seed: int = 0, train_shards: str | list[str] | None = None,
-                 val_shards: str | list[str] | None = None, shuffle_buffer: int = 1000) -> None:
+                 val_shards: str | list[str] | None = None, shuffle_buffer: int = 1000,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
         super().__init__()
         if source not in ("shapes", "shards"):
             raise ValueError(f"data.source={source!r}: use 'shapes' or 'shards'")
@@ -106,18 +112,22 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError("data.source=shards needs data.train_shards=<path or pattern>")
         if size % 8:
             raise ValueError(f"data.size={size} must be a multiple of 8")
+        if max_pixels is not None and max_pixels < 1:
+            raise ValueError(f"data.max_pixels={max_pixels} would skip every image: give a "
+                             "positive pixel count (null: no limit)")
         self.source, self.size, self.batch_size = source, size, batch_size
         self.num_workers, self.seed = num_workers, seed
         self.train_length, self.val_length = train_length, val_length
         self.train_shards, self.val_shards = train_shards, val_shards
-        self.shuffle_buffer = shuffle_buffer
+        self.shuffle_buffer, self.max_pixels = shuffle_buffer, max_pixels
 
     def train_dataloader(self) -> DataLoader:
         if self.source == "shapes":
             dataset = ShapesImages("train", self.size, self.train_length, self.seed)
             generator = torch.Generator().manual_seed(self.seed)
             return self._loader(dataset, shuffle=True, generator=generator, drop_last=True)
-        dataset = ShardImages(self.train_shards, self.size, self.shuffle_buffer, resampled=True)
+        dataset = ShardImages(self.train_shards, self.size, self.shuffle_buffer, resampled=True,
+                              max_pixels=self.max_pixels)
         return self._loader(dataset)
 
     def val_dataloader(self) -> DataLoader:
@@ -125,7 +135,8 @@ class ImageDataModule(L.LightningDataModule):
             return self._loader(ShapesImages("heldout", self.size, self.val_length, self.seed + 1))
         if not self.val_shards:
             return []
-        return self._loader(ShardImages(self.val_shards, self.size, shuffle=0))
+        return self._loader(ShardImages(self.val_shards, self.size, shuffle=0,
+                                        max_pixels=self.max_pixels))
 
     def _loader(self, dataset, **kwargs) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,

@@ -8,14 +8,25 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 
+# The most pixels an image may have to be decoded: 64 megapixels (8192 x 8192), about 192 MB
+# as RGB. A few kilobytes of PNG can claim 20000 x 20000 pixels (1.2 GB decoded): such a
+# "decompression bomb" is refused from its header, before any pixel is decoded.
+DEFAULT_MAX_PIXELS = 8192 * 8192
+
+
 class ImageDecodeError(ValueError):
-    """Image bytes that cannot be decoded; data pipelines catch it and count a skip."""
+    """Image bytes that cannot be decoded (unreadable, truncated, above the pixel limit, or out
+    of memory); data pipelines catch it and count a skip, inference writes an error row."""
 
 
-def load_image(source: bytes | str | Path, name: str = "") -> Image.Image:
+def load_image(source: bytes | str | Path, name: str = "",
+               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decodes image bytes or a file into an RGB PIL image (any mode, EXIF-rotated).
 
-    Raises ImageDecodeError naming ``name`` (or the path) for unreadable or truncated data.
+    max_pixels: images whose header claims more pixels (width x height) are refused before
+    decoding; None lifts it (Pillow still refuses above twice Image.MAX_IMAGE_PIXELS).
+    Raises ImageDecodeError naming ``name`` (or the path) for unreadable, truncated or
+    oversized data, and when decoding runs out of memory.
     """
     label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
     try:
@@ -23,8 +34,20 @@ def load_image(source: bytes | str | Path, name: str = "") -> Image.Image:
             image = Image.open(io.BytesIO(source))
         else:
             image = Image.open(source)
+        width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise ImageDecodeError(
+                f"image {label} is {width}x{height} = {width * height:,} pixels, above the limit "
+                f"of {max_pixels:,} (max_pixels): a decompression bomb or an image to scale down "
+                "first; raise max_pixels to decode it anyway")
         image.load()  # decode now, so truncated files fail here and not later
         image = ImageOps.exif_transpose(image)
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as error:  # PIL's own limit, if a caller set one lower
+        raise ImageDecodeError(f"image {label} is too large to decode: {error}") from None
+    except MemoryError:
+        raise ImageDecodeError(f"image {label}: out of memory while decoding it") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ImageDecodeError(f"cannot decode image {label}: {error}") from None
     return to_rgb(image)

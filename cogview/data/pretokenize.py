@@ -12,8 +12,10 @@
     <key>.json              {"key": source key, "size", "original_size", "source", "scene"?}
 
 where <key> is the input position, zero-padded. `OUT/manifest.json` records the samples of each
-shard, the skipped inputs by reason, and the fingerprints of both tokenizers (the DataModule
-refuses shards whose fingerprints differ from the model's tokenizers).
+shard, the skipped inputs by reason, what broken input tars lost ("lost": bytes, members and
+samples by reason, see cogview.data.sources.TarProblem), the input limits (`max_pixels`,
+`max_member_bytes`) and the fingerprints of both tokenizers (the DataModule refuses shards whose
+fingerprints differ from the model's tokenizers).
 
 Resume design: the input is read in one deterministic order (see cogview.data.sources), and
 shard i always covers input positions [i*N, (i+1)*N) (N = shard_size), however many of them
@@ -22,11 +24,18 @@ are skipped as bad input. A shard is written to `<name>.tar.tmp`, its stats to
 complete. A rerun (same config) skips every completed shard without re-reading its inputs
 (shapes-zh indices and folder rows are skipped by index; input tars are skipped up to the
 position recorded in the last completed shard's stats), so a killed run resumes without redoing
-or duplicating work. A rerun with a different config into the same directory is an error.
+or duplicating work. A rerun with a different config into the same directory is an error (the
+input limits are not part of it: a rerun with other limits applies them to the shards it writes).
 
 Work split: worker processes (`num_workers`, 0 = in the main process) decode, resize and
 tokenize text; the main process encodes images with the VQ-VAE in batches of `batch_size` and
 writes the shards in input order.
+
+Dead workers: a worker killed mid-task (the OOM killer on a huge image, any SIGKILL, a crash in
+a decoder) does not stall the run. The pool is rebuilt and the samples it lost are redone one at
+a time; a sample that kills its worker each time it runs alone (`1 + worker_retries` times) is a
+counted `worker_crashed` skip naming it. Every other input is written exactly once, and shards
+stay atomic as above (see WorkerPool).
 """
 
 from __future__ import annotations
@@ -38,6 +47,8 @@ import logging
 import os
 import time
 from collections import Counter, deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -45,13 +56,15 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from cogview.data.fingerprint import image_tokenizer_fingerprint
-from cogview.data.images import resize_center_crop
+from cogview.data.images import DEFAULT_MAX_PIXELS, resize_center_crop
 from cogview.data.sources import (
+    DEFAULT_MAX_MEMBER_BYTES,
     SKIP_REASONS,
     LoadedSample,
     RawSample,
     SkipSample,
     build_source,
+    not_utf8_message,
 )
 
 log = logging.getLogger("cogview.pretokenize")
@@ -60,6 +73,7 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 MANIFEST_NAME = "manifest.json"
 FORMAT = "cogview-tokens"
 FORMAT_VERSION = 1
+DEFAULT_WORKER_RETRIES = 2  # conf/pretokenize.yaml's worker_retries, for configs without it
 
 
 class NoUsableSamplesError(ValueError):
@@ -96,6 +110,16 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def add_lost(lost: dict[str, Counter], reason: str, counts: dict[str, int]) -> None:
+    """Adds the counts of what a broken input cost (TarProblem.lost) under its reason."""
+    lost.setdefault(reason, Counter()).update(counts)
+
+
+def sorted_lost(lost: dict[str, Counter]) -> dict[str, dict[str, int]]:
+    """`lost` as it is written to the stats and the manifest: plain dicts, sorted keys."""
+    return {reason: dict(sorted(counts.items())) for reason, counts in sorted(lost.items())}
 
 
 def build_text_tokenizer_from_config(cfg: dict):
@@ -135,6 +159,7 @@ class Skipped:
     reason: str
     message: str
     cursor: tuple[int, int] | None
+    lost: dict[str, int] | None = None  # what a broken input tar cost (TarProblem.lost)
 
 
 _WORKER: dict[str, Any] = {}
@@ -142,9 +167,19 @@ _WORKER: dict[str, Any] = {}
 
 def _init_worker(source, text_tokenizer_cfg: dict, size: int, sr: bool) -> None:
     """Pool initializer: every worker builds its own text tokenizer once."""
+    _WORKER.clear()
     tokenizer = build_text_tokenizer_from_config(text_tokenizer_cfg)
     _WORKER.update(source=source, tokenizer=tokenizer, size=size, sr=sr,
                    ids_dtype=index_dtype(tokenizer.vocab_size))
+
+
+def _init_pool_worker(*init_args) -> None:
+    """_init_worker in a pool process: an error is kept for the first task to raise, because a
+    process whose initializer fails exits and would be taken for a worker that died."""
+    try:
+        _init_worker(*init_args)
+    except Exception as error:
+        _WORKER["init_error"] = f"{type(error).__name__}: {error}"
 
 
 def prepare_sample(raw: RawSample) -> Prepared | Skipped:
@@ -155,7 +190,7 @@ def prepare_sample(raw: RawSample) -> Prepared | Skipped:
         return Skipped(raw.position, raw.key, reason, message, raw.cursor)
 
     if raw.error is not None:
-        return skipped(*raw.error)
+        return Skipped(raw.position, raw.key, *raw.error, raw.cursor, raw.lost)
     source, size = _WORKER["source"], _WORKER["size"]
     try:
         loaded: LoadedSample = source.load(raw)
@@ -168,19 +203,31 @@ def prepare_sample(raw: RawSample) -> Prepared | Skipped:
     except ValueError as error:
         return skipped("empty_caption", f"sample {raw.key}: {error}")
     original_size = list(loaded.image.size)
-    image = resize_center_crop(loaded.image, size)
-    lowres = None
-    if _WORKER["sr"]:
-        from PIL import Image
+    try:
+        image = resize_center_crop(loaded.image, size)
+        lowres = None
+        if _WORKER["sr"]:
+            from PIL import Image
 
-        lowres = np.asarray(image.resize((size // 2, size // 2), Image.Resampling.LANCZOS))
+            lowres = np.asarray(image.resize((size // 2, size // 2), Image.Resampling.LANCZOS))
+    except (OSError, ValueError, MemoryError) as error:  # PIL resamples lazily-decoded data
+        return skipped("undecodable_image", f"sample {raw.key}: cannot resize its "
+                       f"{original_size[0]}x{original_size[1]} image: {error}")
     meta = {"key": raw.key, "size": size, "original_size": original_size, **loaded.meta}
+    try:
+        json.dumps(meta, ensure_ascii=False).encode("utf-8")  # as _write_batch will
+    except UnicodeEncodeError as error:  # a file or member name that is not UTF-8
+        return skipped("unreadable_member", not_utf8_message(
+            f"the name or metadata of sample {raw.key!r}", error))
     return Prepared(raw.position, raw.key, loaded.caption,
                     np.asarray(text_ids, dtype=_WORKER["ids_dtype"]), np.asarray(image), lowres,
                     meta, raw.cursor)
 
 
 def _prepare_chunk(chunk: list[RawSample]) -> list[Prepared | Skipped]:
+    if "init_error" in _WORKER:
+        raise RuntimeError(f"a pretokenize worker process could not start: "
+                           f"{_WORKER['init_error']}")
     return [prepare_sample(raw) for raw in chunk]
 
 
@@ -195,7 +242,103 @@ def _chunks(items: Iterable[RawSample], size: int) -> Iterator[list[RawSample]]:
         yield chunk
 
 
-def prepared_stream(items: Iterable[RawSample], pool, chunk_size: int,
+class WorkerPool:
+    """`num_workers` processes that prepare chunks of samples, surviving a worker's death.
+
+    A worker that dies mid-task (SIGKILL from the OOM killer on a huge image, a crash in a
+    decoder) breaks a ProcessPoolExecutor: every task in flight then fails with
+    BrokenProcessPool, where multiprocessing.Pool would wait for the lost task forever. `results`
+    then starts a fresh pool and, before anything else is submitted, redoes the samples of every
+    chunk the broken pool lost one at a time with nothing else in flight, so the sample that
+    kills its worker is known: it is tried `1 + retries` times alone, then given up as a counted
+    `worker_crashed` skip naming it (a skip, not an error, as for any input that cannot be
+    decoded: a rerun would meet the same sample again). Results come back in input order and
+    each chunk's results come from exactly one run, so every input is prepared once.
+    """
+
+    def __init__(self, num_workers: int, init_args: tuple, retries: int) -> None:
+        import multiprocessing as mp
+
+        self.num_workers, self.init_args, self.retries = num_workers, init_args, retries
+        self.context = mp.get_context("fork" if os.name == "posix" else "spawn")
+        self.generation = 0  # counts the pools started; a future carries its pool's number
+        self.executor = self._start()
+
+    def _start(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(self.num_workers, mp_context=self.context,
+                                   initializer=_init_pool_worker, initargs=self.init_args)
+
+    def _restart(self, generation: int) -> None:
+        """A fresh pool, unless the broken pool `generation` was already replaced."""
+        if generation != self.generation:
+            return
+        self.executor.shutdown(wait=True)  # a broken pool has already ended its workers
+        self.executor = self._start()
+        self.generation += 1
+
+    def submit(self, chunk: list[RawSample]) -> tuple[int, Future]:
+        """(pool generation, future of the chunk's results)."""
+        while True:
+            generation = self.generation
+            try:
+                return generation, self.executor.submit(_prepare_chunk, chunk)
+            except BrokenProcessPool:  # a worker died while the pool was idle
+                self._restart(generation)
+
+    def results(self, window: deque) -> list[Prepared | Skipped]:
+        """Pops the oldest (chunk, generation, future) of `window` and returns its results. If
+        its pool broke, the chunks that pool lost, this one and those behind it in the window,
+        are redone now, and their entries replaced by futures that hold the results."""
+        chunk, generation, future = window.popleft()
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            pass
+        self._restart(generation)
+        results = self._redo(chunk)
+        for index, (other, other_generation, other_future) in enumerate(window):
+            if other_generation == generation:  # submitted to the pool that broke
+                try:
+                    redone = other_future.result()  # finished before the break
+                except BrokenProcessPool:
+                    redone = self._redo(other)
+                done: Future = Future()
+                done.set_result(redone)
+                window[index] = (other, other_generation, done)
+        return results
+
+    def _redo(self, chunk: list[RawSample]) -> list[Prepared | Skipped]:
+        log.warning("a worker process died (killed by a signal, e.g. the OOM killer, or "
+                    "crashed) while preparing inputs %d-%d; redoing them one at a time",
+                    chunk[0].position, chunk[-1].position)
+        return [self._run_alone(raw) for raw in chunk]
+
+    def _run_alone(self, raw: RawSample) -> Prepared | Skipped:
+        for _ in range(1 + self.retries):
+            generation, future = self.submit([raw])
+            try:
+                return future.result()[0]
+            except BrokenProcessPool:
+                self._restart(generation)
+        return Skipped(raw.position, raw.key, "worker_crashed",
+                       f"input {raw.position} ({raw.key}) killed its worker process each of the "
+                       f"{1 + self.retries} times it was prepared alone (out of memory on a huge "
+                       "image? see the kernel log); skipped. Lower max_pixels, or raise "
+                       "worker_retries to try it more often", raw.cursor)
+
+    def close(self) -> None:
+        """Ends the workers, as multiprocessing.Pool.terminate did: after the last result they
+        are idle, and after an error in the main process none is left running a task."""
+        terminate = getattr(self.executor, "terminate_workers", None)  # Python >= 3.14
+        if terminate is not None:
+            terminate()
+        else:
+            for process in list((self.executor._processes or {}).values()):
+                process.terminate()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def prepared_stream(items: Iterable[RawSample], pool: WorkerPool | None, chunk_size: int,
                     max_chunks_in_flight: int) -> Iterator[Prepared | Skipped]:
     """Prepared samples in input order; with a pool, at most `max_chunks_in_flight` chunks are
     queued at a time (Pool.imap would read the whole input into memory ahead of the encoder)."""
@@ -203,13 +346,13 @@ def prepared_stream(items: Iterable[RawSample], pool, chunk_size: int,
         for raw in items:
             yield prepare_sample(raw)
         return
-    window: deque = deque()
+    window: deque = deque()  # (chunk, pool generation, future of its results)
     for chunk in _chunks(items, chunk_size):
-        window.append(pool.apply_async(_prepare_chunk, (chunk,)))
+        window.append((chunk, *pool.submit(chunk)))
         if len(window) >= max_chunks_in_flight:
-            yield from window.popleft().get()
+            yield from pool.results(window)
     while window:
-        yield from window.popleft().get()
+        yield from pool.results(window)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -232,6 +375,7 @@ class ShardWriter:
         self.end_cursor: tuple[int, int] | None = None
         self.samples = 0
         self.skipped: Counter = Counter()
+        self.lost: dict[str, Counter] = {}  # reason -> what broken input tars cost
         self.signature = signature
 
     def write(self, sample: dict[str, Any]) -> None:
@@ -244,6 +388,7 @@ class ShardWriter:
         stats = {
             "shard": self.path.name, "index": self.index, "samples": self.samples,
             "skipped": dict(sorted(self.skipped.items())),
+            "lost": sorted_lost(self.lost),
             "inputs": [self.first_position, self.last_position + 1],
             "end_cursor": list(self.end_cursor) if self.end_cursor is not None else None,
             "signature": self.signature,
@@ -335,6 +480,16 @@ def _check_config(cfg) -> None:
             raise ValueError(f"{name}={cfg[name]} must be >= 1")
     if int(cfg.num_workers) < 0:
         raise ValueError(f"num_workers={cfg.num_workers} must be >= 0 (0 = in the main process)")
+    if int(cfg.get("worker_retries", DEFAULT_WORKER_RETRIES)) < 0:
+        raise ValueError(f"worker_retries={cfg.worker_retries} must be >= 0 (times a sample "
+                         "whose worker died is retried alone before it is skipped)")
+    max_pixels = cfg.get("max_pixels", DEFAULT_MAX_PIXELS)
+    if max_pixels is not None and int(max_pixels) < 1:
+        raise ValueError(f"max_pixels={max_pixels} must be >= 1 (pixels, width x height, of the "
+                         "largest image to decode), or null for no limit")
+    if int(cfg.get("max_member_bytes", DEFAULT_MAX_MEMBER_BYTES)) < 1:
+        raise ValueError(f"max_member_bytes={cfg.max_member_bytes} must be >= 1 (bytes of the "
+                         "largest input tar member to read)")
     if not cfg.out:
         raise ValueError("out=DIR is required: where the shards and manifest.json go")
     if not cfg.vqvae_dir:
@@ -359,8 +514,13 @@ class Pretokenizer:
         self.out, self.prefix = Path(cfg.out), str(cfg.shard_prefix)
         kind = cfg.source.kind
         options = cfg.source.get(kind) if kind in cfg.source else None
+        max_pixels = cfg.get("max_pixels", DEFAULT_MAX_PIXELS)
+        self.limits = {
+            "max_pixels": int(max_pixels) if max_pixels is not None else None,
+            "max_member_bytes": int(cfg.get("max_member_bytes", DEFAULT_MAX_MEMBER_BYTES))}
         self.source = build_source(kind, self.size,
-                                   OmegaConf.to_container(options) if options is not None else {})
+                                   OmegaConf.to_container(options) if options is not None else {},
+                                   **self.limits)
         self.num_items = self.source.num_items()
         if self.num_items == 0:
             raise NoUsableSamplesError(f"source {self.source.describe()} holds no input samples")
@@ -387,7 +547,7 @@ class Pretokenizer:
             "lowres_size": self.size // 2 if self.sr else None,
             "lowres_code_shape": [grid // 2, grid // 2] if self.sr else None,
             "shard_size": self.shard_size, "shard_prefix": self.prefix,
-            "source": self.source.describe(),
+            "source": self.source.describe(), "limits": self.limits,
         }
         self.manifest_path = self.out / MANIFEST_NAME
 
@@ -442,10 +602,8 @@ class Pretokenizer:
         init_args = (self.source, self.tokenizer_cfg, self.size, self.sr)
         pool = None
         if num_workers > 0:
-            import multiprocessing as mp
-
-            context = mp.get_context("fork" if os.name == "posix" else "spawn")
-            pool = context.Pool(num_workers, initializer=_init_worker, initargs=init_args)
+            pool = WorkerPool(num_workers, init_args,
+                              int(cfg.get("worker_retries", DEFAULT_WORKER_RETRIES)))
         else:
             _init_worker(*init_args)
         from tqdm import tqdm
@@ -461,8 +619,7 @@ class Pretokenizer:
         finally:
             bar.close()
             if pool is not None:
-                pool.terminate()
-                pool.join()
+                pool.close()
         rate = written / max(time.perf_counter() - started, 1e-9)
         return self._finish(done, written, rate)
 
@@ -491,6 +648,8 @@ class Pretokenizer:
                 shard.last_position, shard.end_cursor = result.position, result.cursor
                 if isinstance(result, Skipped):
                     shard.skipped[result.reason] += 1
+                    if result.lost:
+                        add_lost(shard.lost, result.reason, result.lost)
                     skip_log(result)
                 else:
                     pending.append(result)
@@ -516,16 +675,20 @@ class Pretokenizer:
         """Write the final manifest from the shards' stats; NoUsableSamplesError if empty."""
         shards = [done[i] for i in sorted(done)]
         skipped: Counter = Counter()
+        lost: dict[str, Counter] = {}
         for stats in shards:
             skipped.update(stats["skipped"])
+            for reason, counts in stats.get("lost", {}).items():  # none in older stats
+                add_lost(lost, reason, counts)
         manifest = dict(
             self.manifest, complete=True,
             num_samples=sum(s["samples"] for s in shards),
             num_inputs=max((s["inputs"][1] for s in shards), default=0),
             skipped=dict(sorted(skipped.items())),
             skip_reasons={reason: SKIP_REASONS[reason] for reason in sorted(skipped)},
+            lost=sorted_lost(lost),
             shards=[{"name": s["shard"], "samples": s["samples"], "skipped": s["skipped"],
-                     "inputs": s["inputs"]} for s in shards],
+                     "lost": s.get("lost", {}), "inputs": s["inputs"]} for s in shards],
         )
         write_json_atomic(self.manifest_path, manifest)
         log.info("wrote %d samples this run (%.1f samples/s); %s now holds %d samples in %d "
@@ -533,6 +696,9 @@ class Pretokenizer:
         if skipped:
             log.warning("skipped %d inputs: %s", sum(skipped.values()),
                         ", ".join(f"{reason}={n}" for reason, n in sorted(skipped.items())))
+        for reason, counts in manifest["lost"].items():
+            log.warning("%s lost: %s", reason, ", ".join(f"{what}={n:,}" for what, n in
+                                                         counts.items()))
         if manifest["num_samples"] == 0:
             raise NoUsableSamplesError(
                 f"no usable sample in {self.source.describe()}: all {manifest['num_inputs']} "

@@ -18,14 +18,18 @@ worker process and decodes one of them, raising `SkipSample(reason, message)` fo
 Input problems found while reading (a truncated or unreadable tar) come out of `items` as
 `RawSample`s whose `error` is already set, so every problem has a position and is counted once.
 
-Skip reasons (`SKIP_REASONS`) are the keys of the manifest's "skipped" counts.
+Skip reasons (`SKIP_REASONS`) are the keys of the manifest's "skipped" counts. Limits keep
+hostile input from deciding what is allocated: `max_member_bytes` for one tar member, and
+`max_pixels` for one decoded image (checked from its header, see cogview.data.images).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import lzma
+import os
 import tarfile
 import zlib
 from dataclasses import dataclass, field
@@ -34,7 +38,7 @@ from typing import Any, Iterator
 
 from PIL import Image
 
-from cogview.data.images import ImageDecodeError, load_image
+from cogview.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +46,26 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # img2dataset member names, i
 SOURCE_KINDS = ("shapes", "folder", "shards")
 
 SKIP_REASONS: dict[str, str] = {
-    "undecodable_image": "image data PIL cannot decode (corrupt or truncated file)",
+    "undecodable_image": "image data PIL cannot decode (corrupt or truncated file), or an image "
+                         "whose header claims more than max_pixels pixels (a decompression bomb)",
     "missing_image": "no image: no .jpg/.jpeg/.png/.webp member, or the file does not exist",
     "missing_caption": "no caption: no .txt member / sidecar file / captions-file entry",
     "empty_caption": "caption with no text tokens after normalisation",
-    "unreadable_member": "a tar member that cannot be read: text that is not UTF-8, invalid "
-                         "JSON, or a member name repeated within one sample",
-    "bad_caption_row": "a captions-file line that is neither valid jsonl nor path<TAB>caption",
+    "unreadable_member": "a tar member or caption sidecar file that cannot be read: text that is "
+                         "not UTF-8 (the expected encoding), invalid JSON, a member name repeated "
+                         "within one sample, or a sample name that is not UTF-8",
+    "oversized_member": "a tar member whose header claims more than max_member_bytes bytes; it "
+                        "is skipped unread and the rest of its shard is read on",
+    "bad_caption_row": "a captions-file line that is neither valid jsonl nor path<TAB>caption, "
+                       "or is not UTF-8",
     "truncated_shard": "a tar that ends mid-member, without its end-of-archive marker, or at a "
-                       "corrupt member header; the rest of that shard is lost",
+                       "corrupt member header; the rest of that shard is lost (the manifest's "
+                       "\"lost\" counts its bytes, members and samples)",
     "unreadable_shard": "a shard that cannot be opened (missing file, failing pipe: command, "
                         "not a tar archive)",
+    "worker_crashed": "a sample whose worker process died every time it was tried alone (the "
+                      "OOM killer on a huge image, a signal, a crash in a decoder); see "
+                      "worker_retries",
 }
 
 
@@ -76,6 +89,7 @@ class RawSample:
     payload: Any = None  # source-specific: a path, a caption, tar member bytes, ...
     error: tuple[str, str] | None = None  # (reason, message) when already known to be bad
     cursor: tuple[int, int] | None = None  # ShardSource: (url index, ordinal within that url)
+    lost: dict[str, int] | None = None  # with a broken tar: what it cost (TarProblem.lost)
 
 
 @dataclass
@@ -93,6 +107,12 @@ class LoadedSample:
 BLOCKSIZE = tarfile.BLOCKSIZE  # 512: tar headers and data are laid out in blocks of this size
 _ZERO_BLOCK = bytes(BLOCKSIZE)
 _REGULAR = (b"0", b"\0", b"7")  # regular file type flags (ustar, old tar, contiguous)
+_EXTENSIONS = (b"x", b"g", b"L", b"K")  # pax / GNU headers that describe the next member
+_READ_PIECE = 1 << 20  # members are read, and skipped, at most this many bytes at a time
+# The largest tar member read into memory. A header may claim any size (8 GiB in octal, far
+# more in GNU base-256), so a corrupt or hostile header must not decide what is allocated:
+# a regular member above the limit is skipped unread and counted (oversized_member).
+DEFAULT_MAX_MEMBER_BYTES = 256 * 1024 * 1024
 
 
 @dataclass
@@ -102,16 +122,34 @@ class TarRecord:
     key: str
     members: dict[str, bytes]
     url: str
-    problem: tuple[str, str] | None = None  # a member that could not be read
+    problem: tuple[str, str] | None = None  # a member that could not be read, or too large
 
 
 @dataclass
 class TarProblem:
-    """A problem with the tar itself (truncated, unreadable); what follows it is lost."""
+    """A problem with the tar itself (unreadable, truncated, corrupt); what follows it is lost.
+
+    `lost` counts what the problem cost: "shards" (1) and, once the tar could be opened,
+    "bytes" (from the first member not delivered to the end of what could be read; bytes of
+    the decompressed tar for compressed shards), "members" (members not delivered: the
+    complete members of a sample whose end was not reached, and the member cut off when its
+    header was readable) and "samples" (the distinct sample keys among those members).
+    """
 
     reason: str
     message: str
     url: str
+    lost: dict[str, int] = field(default_factory=lambda: {"shards": 1})
+
+
+@dataclass
+class TarMember:
+    """A regular file of a tar: `data` is None when its size is above the member limit."""
+
+    name: str
+    data: bytes | None
+    size: int
+    start: int  # offset of its first header (pax / GNU extension headers included)
 
 
 class _BrokenTar(Exception):
@@ -141,45 +179,101 @@ def _header_number(field: bytes) -> int:
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
-    """Records 'LEN key=value\n' of a pax extended header."""
+    """Records 'LEN key=value\n' of a pax extended header; ValueError when malformed."""
     records, pos = {}, 0
     while pos < len(data) and data[pos:pos + 1] not in (b"\0", b""):
         space = data.index(b" ", pos)
         length = int(data[pos:space])
+        if pos + length <= space + 1 or pos + length > len(data):  # would not move on
+            raise ValueError(f"pax record at {pos} has length {length}")
         key, _, value = data[space + 1:pos + length - 1].partition(b"=")
         records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         pos += length
     return records
 
 
-def _read_exact(stream, size: int, offset: int, what: str) -> bytes:
-    data = stream.read(size) if size else b""
-    if len(data) != size:
-        raise _BrokenTar("truncated_shard", f"ends at byte {offset + len(data)} inside {what} "
-                         f"(truncated copy or download)")
-    return data
+def _padded(size: int) -> int:
+    return (size + BLOCKSIZE - 1) // BLOCKSIZE * BLOCKSIZE
 
 
-def _iter_tar_members(stream, first_block: bytes) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of the regular files of a tar stream (ustar, GNU and pax headers).
+class _TarReader:
+    """The regular files of a tar stream (ustar, GNU and pax headers), in order.
 
     Python's tarfile parses headers in pure Python at ~40 us each and stops silently at a
     truncated or corrupt header; this reader is several times faster on the small members of
-    token shards and raises _BrokenTar for a tar that breaks off.
+    token shards, raises _BrokenTar for a tar that breaks off, and never holds more than
+    `max_member_bytes` of one member whatever its header claims (larger members are read past
+    piece by piece). `offset` counts the bytes read; `cut_name` / `cut_start` are the name (once
+    its header is read) and first header offset of the member being read, for the caller to
+    say what a break cut off.
     """
-    offset, block = 0, first_block
-    long_name: str | None = None
-    pax: dict[str, str] = {}
-    while True:
-        if block is None:
-            block = stream.read(BLOCKSIZE)
-        if len(block) < BLOCKSIZE:
-            if offset == 0:
-                raise _BrokenTar("unreadable_shard", f"is not a tar archive ({len(block)} bytes)")
-            raise _BrokenTar("truncated_shard", f"ends at byte {offset + len(block)} without the "
-                             "tar end-of-archive marker (truncated copy or download)")
-        if block == _ZERO_BLOCK:
-            return
+
+    def __init__(self, stream, first_block: bytes, max_member_bytes: int) -> None:
+        self.stream, self.head, self.max_member_bytes = stream, first_block, max_member_bytes
+        self.offset = 0
+        self.cut_name: str | None = None
+        self.cut_start = 0
+
+    def _take(self, size: int, keep: bool = True) -> bytes:
+        """Up to `size` bytes (fewer only at the end of the stream), read piece by piece; with
+        keep=False they are only counted (and b"" is returned)."""
+        if keep and size <= _READ_PIECE and not self.head:  # the common case: one read
+            data = self.stream.read(size)
+            self.offset += len(data)
+            if len(data) == size or not data:
+                return data
+            return data + self._take(size - len(data))  # a short read: read on
+        parts, got = [], 0
+        if self.head:
+            first, self.head = self.head[:size], self.head[size:]
+            got = len(first)
+            parts.append(first)
+        while got < size:
+            part = self.stream.read(min(size - got, _READ_PIECE))
+            if not part:
+                break
+            got += len(part)
+            if keep:
+                parts.append(part)
+        self.offset += got
+        if not keep:
+            return b""
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _exact(self, size: int, what: str, keep: bool = True) -> bytes:
+        before = self.offset
+        data = self._take(size, keep)
+        if self.offset - before != size:
+            raise _BrokenTar("truncated_shard", f"ends at byte {self.offset} inside {what} "
+                             "(truncated copy or download)")
+        return data
+
+    def drain(self) -> int:
+        """The length of the rest of the stream (to count what a break lost): from the size of
+        a local file, else by reading it (a pipe or a decompressed stream)."""
+        before = self.offset
+        try:
+            if isinstance(self.stream, io.BufferedReader) and self.stream.seekable():
+                rest = os.fstat(self.stream.fileno()).st_size - self.stream.tell()
+                self.offset += max(rest, 0)
+                return self.offset - before
+            while True:
+                mark = self.offset
+                self._take(_READ_PIECE, keep=False)
+                if self.offset == mark:
+                    break
+        except (OSError, EOFError, zlib.error, lzma.LZMAError):
+            pass  # a compressed stream that breaks off: count what could be read
+        return self.offset - before
+
+    def _corrupt(self, at: int, what: str = "tar header") -> _BrokenTar:
+        if at == 0:
+            return _BrokenTar("unreadable_shard", f"has a corrupt {what} at byte 0 (not a tar "
+                              "archive?)")
+        return _BrokenTar("truncated_shard", f"has a corrupt {what} at byte {at}")
+
+    def _header(self, block: bytes, at: int) -> tuple[str, bytes, int]:
+        """(name, type flag, size) of a header block; _BrokenTar when its checksum is wrong."""
         unsigned = sum(block) - sum(block[148:156]) + 8 * 32  # checksum field counts as spaces
         try:
             stored = _header_number(block[148:156])
@@ -188,40 +282,73 @@ def _iter_tar_members(stream, first_block: bytes) -> Iterator[tuple[str, bytes]]
             stored = size = -1
         if stored != unsigned and stored != unsigned - 256 * sum(b > 127 for b in block) or \
                 size < 0:
-            kind = "unreadable_shard" if offset == 0 else "truncated_shard"
-            raise _BrokenTar(kind, f"has a corrupt tar header at byte {offset}" +
-                             (" (not a tar archive?)" if offset == 0 else ""))
-        typeflag = block[156:157]
+            raise self._corrupt(at)
         name = block[0:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         if block[257:262] == b"ustar":
             prefix = block[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             if prefix:
                 name = f"{prefix}/{name}"
-        offset += BLOCKSIZE
-        if typeflag in (b"x", b"g", b"L", b"K"):  # pax / GNU extension headers
-            data = _read_exact(stream, (size + BLOCKSIZE - 1) // BLOCKSIZE * BLOCKSIZE, offset,
-                               f"the extended header of {name}")[:size]
-            offset += (size + BLOCKSIZE - 1) // BLOCKSIZE * BLOCKSIZE
-            if typeflag == b"x":
-                pax = _pax_records(data)
-            elif typeflag == b"L":
-                long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            block = None
-            continue
-        if long_name is not None:
-            name, long_name = long_name, None
-        if pax:
-            name = pax.get("path", name)
-            size = int(pax.get("size", size))
-            pax = {}
-        padded = (size + BLOCKSIZE - 1) // BLOCKSIZE * BLOCKSIZE
-        if typeflag in _REGULAR:
-            data = _read_exact(stream, padded, offset, f"member {name}")
-            yield name, data[:size] if padded != size else data
-        elif padded:
-            _read_exact(stream, padded, offset, f"member {name}")
-        offset += padded
-        block = None
+        return name, block[156:157], size
+
+    def members(self) -> Iterator[TarMember]:
+        """The regular files in order; _BrokenTar where the tar breaks off or is corrupt."""
+        long_name: str | None = None
+        pax: dict[str, str] = {}
+        start = None
+        while True:
+            at = self.offset
+            if start is None:  # a new member begins (with its extension headers, if any)
+                start = self.cut_start = at
+                self.cut_name = None
+            block = self._take(BLOCKSIZE)
+            if len(block) < BLOCKSIZE:
+                if at == 0:
+                    raise _BrokenTar("unreadable_shard",
+                                     f"is not a tar archive ({len(block)} bytes)")
+                raise _BrokenTar("truncated_shard", f"ends at byte {self.offset} without the "
+                                 "tar end-of-archive marker (truncated copy or download)")
+            if block == _ZERO_BLOCK:
+                if self._take(BLOCKSIZE).strip(b"\0"):
+                    raise _BrokenTar("truncated_shard", f"has an end-of-archive block at byte "
+                                     f"{at} followed by more data (a zeroed header, or tars "
+                                     "concatenated)")
+                return
+            name, typeflag, size = self._header(block, at)
+            if typeflag in _EXTENSIONS:
+                if size > self.max_member_bytes:
+                    raise self._corrupt(at, f"extended header ({size:,} bytes, above "
+                                            f"max_member_bytes={self.max_member_bytes:,})")
+                data = self._exact(_padded(size), f"the extended header of {name}")[:size]
+                try:
+                    if typeflag == b"x":
+                        pax = _pax_records(data)
+                        if "size" in pax and int(pax["size"]) < 0:
+                            raise ValueError(f"size {pax['size']}")
+                except ValueError:
+                    raise self._corrupt(at, "pax header") from None
+                if typeflag == b"L":
+                    long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                self.cut_name = pax.get("path", long_name)  # known before its own header
+                continue
+            if long_name is not None:
+                name, long_name = long_name, None
+            if pax:
+                name, size = pax.get("path", name), int(pax.get("size", size))
+                pax = {}
+            self.cut_name = name
+            regular, member_start, start = typeflag in _REGULAR, start, None
+            if regular and size <= self.max_member_bytes:
+                data = self._exact(_padded(size), f"member {name}")
+                yield TarMember(name, data[:size] if len(data) != size else data, size,
+                                member_start)
+                continue
+            what = f"member {name}"
+            if regular:
+                what += (f" (which claims {size:,} bytes, above max_member_bytes="
+                         f"{self.max_member_bytes:,})")
+            self._exact(_padded(size), what, keep=False)
+            if regular:
+                yield TarMember(name, None, size, member_start)
 
 
 class _Prepend:
@@ -244,7 +371,6 @@ def _decompressed(stream, first_block: bytes):
     """(stream, its first block): decompressing gzip / bzip2 / xz input, passing tar through."""
     import bz2
     import gzip
-    import lzma
 
     openers = ((b"\x1f\x8b", lambda f: gzip.GzipFile(fileobj=f)), (b"BZh", bz2.BZ2File),
                (b"\xfd7zXZ\x00", lzma.LZMAFile))
@@ -255,12 +381,91 @@ def _decompressed(stream, first_block: bytes):
     return stream, first_block
 
 
-def read_tar(url: str, select: set[str] | None = None) -> Iterator[TarRecord | TarProblem]:
+def _lost_summary(names: list[str]) -> str:
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"{len(names)} member{'s' * (len(names) != 1)} ({shown})" if names else "no member"
+
+
+def _records(stream, url: str, select: set[str] | None,
+             max_member_bytes: int) -> Iterator[TarRecord | TarProblem]:
+    """read_tar's work on an open stream; yields the records, then the problem if any."""
+    tar: _TarReader | None = None
+    current: TarRecord | None = None
+    names: list[str] = []  # the member names of `current`
+    current_start = 0  # offset of its first member
+    started = False
+    try:
+        tar = _TarReader(*_decompressed(stream, stream.read(BLOCKSIZE)), max_member_bytes)
+        for member in tar.members():
+            started = True
+            key, ext = split_member_name(member.name)
+            if key is None:
+                log.debug("ignoring tar member %s of %s: not named key.extension", member.name,
+                          url)
+                continue
+            ext = ext.lower()
+            if current is not None and current.key != key:
+                yield current
+                current = None
+            if current is None:
+                current, names, current_start = TarRecord(key, {}, url), [], member.start
+            names.append(member.name)
+            if select is not None and ext not in select:
+                continue
+            if member.data is None:
+                current.problem = current.problem or (
+                    "oversized_member", f"member {member.name} of {url} claims "
+                    f"{member.size:,} bytes, above max_member_bytes={max_member_bytes:,}: "
+                    "skipped unread (raise max_member_bytes to read it)")
+            elif ext in current.members:
+                current.problem = current.problem or (
+                    "unreadable_member", f"member {member.name} appears twice in {url}")
+            else:
+                current.members[ext] = member.data
+        if current is not None:
+            yield current
+        return
+    except _BrokenTar as broken:
+        reason, message = broken.reason, f"shard {url} {broken}"
+    except (OSError, EOFError, zlib.error, lzma.LZMAError) as error:
+        # a failing pipe: command, or compressed data that breaks off or is corrupt
+        reason = "truncated_shard" if started else "unreadable_shard"
+        message = f"shard {url} breaks off: {error}" if started else \
+            f"cannot read shard {url}: {error}"
+    if tar is None:
+        yield TarProblem(reason, message, url)
+        return
+    # The sample in flight is complete when the member the tar broke in (header read) belongs
+    # to another sample; otherwise its end was not reached and it is lost with the rest.
+    lost_names, first_lost = [], tar.cut_start
+    if current is not None:
+        cut_key = split_member_name(tar.cut_name)[0] if tar.cut_name else None
+        if cut_key is not None and cut_key != current.key:
+            yield current
+        else:
+            lost_names, first_lost = list(names), current_start
+    if tar.cut_name is not None:
+        lost_names.append(tar.cut_name)
+    end = tar.offset + tar.drain()
+    lost = {"shards": 1, "bytes": end - first_lost, "members": len(lost_names),
+            "samples": len({split_member_name(n)[0] for n in lost_names})}
+    if reason == "truncated_shard":
+        message += (f"; the rest of this shard is lost: {lost['bytes']:,} bytes from byte "
+                    f"{first_lost}, {_lost_summary(lost_names)}")
+    yield TarProblem(reason, message, url, lost)
+
+
+def read_tar(url: str, select: set[str] | None = None,
+             max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[TarRecord | TarProblem]:
     """Stream the samples of one tar (local path or any URL webdataset's gopen opens).
 
-    Yields a TarRecord per sample (consecutive members sharing a key), and a TarProblem when
-    the tar cannot be opened ("unreadable_shard") or breaks off ("truncated_shard"); a sample
-    in flight when the tar breaks off is dropped with it. `select` keeps only those extensions.
+    Yields a TarRecord per sample (consecutive members sharing a key), and last a TarProblem
+    when the tar cannot be opened ("unreadable_shard") or breaks off ("truncated_shard"). Every
+    complete member before a break is delivered; the sample in flight at the break is delivered
+    when the member cut off is known to start another sample, else it is counted as lost
+    (TarProblem.lost). A regular member claiming more than `max_member_bytes` is skipped
+    unread: its record carries an "oversized_member" problem naming it, and the rest of the
+    tar is read on. `select` keeps only those extensions.
     """
     from webdataset.gopen import gopen
 
@@ -269,41 +474,14 @@ def read_tar(url: str, select: set[str] | None = None) -> Iterator[TarRecord | T
     except Exception as error:  # gopen raises whatever its backend raises
         yield TarProblem("unreadable_shard", f"cannot open shard {url}: {error}", url)
         return
-    problem: TarProblem | None = None
-    closed = started = False
+    closed = False
     try:
-        try:
-            members = _iter_tar_members(*_decompressed(stream, stream.read(BLOCKSIZE)))
-            current: TarRecord | None = None
-            for name, data in members:
-                started = True
-                key, ext = split_member_name(name)
-                if key is None:
-                    log.debug("ignoring tar member %s of %s: not named key.extension", name, url)
-                    continue
-                ext = ext.lower()
-                if current is not None and current.key != key:
-                    yield current
-                    current = None
-                if current is None:
-                    current = TarRecord(key, {}, url)
-                if select is not None and ext not in select:
-                    continue
-                if ext in current.members:
-                    current.problem = ("unreadable_member", f"member {name} appears twice in {url}")
-                else:
-                    current.members[ext] = data
-            if current is not None:
-                yield current
-        except _BrokenTar as broken:
-            lost = "; the rest of this shard is lost" if broken.reason == "truncated_shard" else ""
-            problem = TarProblem(broken.reason, f"shard {url} {broken}{lost}", url)
-        except (OSError, EOFError, zlib.error, lzma.LZMAError) as error:
-            # a failing pipe: command, or compressed data that breaks off or is corrupt
-            if started:
-                problem = TarProblem("truncated_shard", f"shard {url} breaks off: {error}", url)
+        problem: TarProblem | None = None
+        for item in _records(stream, url, select, max_member_bytes):
+            if isinstance(item, TarProblem):
+                problem = item
             else:
-                problem = TarProblem("unreadable_shard", f"cannot read shard {url}: {error}", url)
+                yield item
         closed = True
         try:
             stream.close()
@@ -366,6 +544,22 @@ class ShapesSource:
         return LoadedSample(render_scene(scene, self.size), caption, meta)
 
 
+def _caption_lines(path: Path) -> list[str | UnicodeDecodeError]:
+    """The lines of a UTF-8 text file; a line that is not UTF-8 comes back as its error."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        pass
+    lines: list[str | UnicodeDecodeError] = []
+    for raw in data.splitlines():
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            lines.append(error)
+    return lines
+
+
 def _read_captions_file(path: Path) -> list[tuple[str | None, str | None, str | None]]:
     """Rows (relative image path, caption or None, problem or None) of a jsonl / tsv file."""
     suffix = path.suffix.lower()
@@ -375,11 +569,13 @@ def _read_captions_file(path: Path) -> list[tuple[str | None, str | None, str | 
             '{"path": ..., "caption": ...} per line) or .tsv (path<TAB>caption per line)'
         )
     rows = []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(_caption_lines(path), start=1):
+        where = f"{path}:{number}"
+        if isinstance(line, UnicodeDecodeError):
+            rows.append((None, None, not_utf8_message(f"line {where}", line)))
+            continue
         if not line.strip():
             continue
-        where = f"{path}:{number}"
         if suffix in (".jsonl", ".json"):
             try:
                 row = json.loads(line)
@@ -410,7 +606,8 @@ class FolderSource:
 
     kind = "folder"
 
-    def __init__(self, root: str | None = None, captions: str | None = None) -> None:
+    def __init__(self, root: str | None = None, captions: str | None = None,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
         if root is None and captions is None:
             raise ValueError("source.kind=folder needs source.root=DIR and/or "
                              "source.captions=FILE (.jsonl or .tsv)")
@@ -418,6 +615,7 @@ class FolderSource:
         if self.captions is not None and not self.captions.is_file():
             raise FileNotFoundError(f"source.captions={captions!r}: no such file")
         self.root = Path(root).resolve() if root else self.captions.parent
+        self.max_pixels = max_pixels
         if not self.root.is_dir():
             raise FileNotFoundError(f"source.root={root!r}: no such directory")
         if self.captions is not None:
@@ -452,10 +650,10 @@ class FolderSource:
                 try:
                     caption = sidecar.read_text(encoding="utf-8")
                 except UnicodeDecodeError as error:
-                    raise SkipSample("missing_caption", f"{sidecar} is not UTF-8: {error}") \
-                        from None
+                    raise SkipSample("unreadable_member", not_utf8_message(
+                        f"caption file {sidecar} of sample {raw.key}", error)) from None
         try:
-            image = load_image(path)
+            image = load_image(path, max_pixels=self.max_pixels)
         except ImageDecodeError as error:
             raise SkipSample("undecodable_image", str(error)) from None
         return LoadedSample(image, caption, {"source": str(path)})
@@ -466,11 +664,14 @@ class ShardSource:
 
     kind = "shards"
 
-    def __init__(self, urls: str | list[str]) -> None:
+    def __init__(self, urls: str | list[str],
+                 max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
         if not urls:
             raise ValueError("source.kind=shards needs source.urls=PATTERN (e.g. "
                              "'data/{00000..00009}.tar', or 'pipe:curl -s URL')")
         self.urls = expand_urls(urls)
+        self.max_member_bytes, self.max_pixels = int(max_member_bytes), max_pixels
 
     def describe(self) -> dict:
         return {"kind": self.kind, "urls": self.urls}
@@ -485,12 +686,12 @@ class ShardSource:
         position = start - skip if resume is not None else 0
         for url_index in range(first_url, len(self.urls)):
             url = self.urls[url_index]
-            for ordinal, item in enumerate(read_tar(url)):
+            for ordinal, item in enumerate(read_tar(url, None, self.max_member_bytes)):
                 if position >= start:
                     cursor = (url_index, ordinal)
                     if isinstance(item, TarProblem):
                         yield RawSample(position, f"{url}#{ordinal}", None,
-                                        (item.reason, item.message), cursor)
+                                        (item.reason, item.message), cursor, item.lost)
                     else:
                         yield RawSample(position, item.key, item, item.problem, cursor)
                 position += 1
@@ -502,10 +703,11 @@ class ShardSource:
         if "json" in members:
             try:
                 original = json.loads(members["json"].decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                json.dumps(original, ensure_ascii=False).encode("utf-8")  # lone surrogates
+            except (ValueError, RecursionError) as error:  # UnicodeError, JSONDecodeError, ...
                 raise SkipSample("unreadable_member",
-                                 f"{record.key}.json in {record.url} is not valid JSON: {error}") \
-                    from None
+                                 f"{record.key}.json in {record.url} is not valid UTF-8 JSON: "
+                                 f"{error}") from None
             meta["json"] = original
             if isinstance(original, dict) and "objects" in original:  # a shapes-zh shard
                 meta["scene"] = {k: original[k] for k in ("objects", "centers", "template")
@@ -520,21 +722,31 @@ class ShardSource:
             try:
                 caption = members["txt"].decode("utf-8")
             except UnicodeDecodeError as error:
-                raise SkipSample("unreadable_member",
-                                 f"{record.key}.txt in {record.url} is not UTF-8: {error}") \
+                raise SkipSample("unreadable_member", not_utf8_message(
+                    f"caption {record.key}.txt of sample {record.key} in {record.url}", error)) \
                     from None
         try:
-            image = load_image(members[ext], name=f"{record.key}.{ext} in {record.url}")
+            image = load_image(members[ext], name=f"{record.key}.{ext} in {record.url}",
+                               max_pixels=self.max_pixels)
         except ImageDecodeError as error:
             raise SkipSample("undecodable_image", str(error)) from None
         return LoadedSample(image, caption, meta)
 
 
-def build_source(kind: str, size: int, options: dict | None = None):
+def not_utf8_message(what: str, error: UnicodeError) -> str:
+    """The message of a skip for text that is not UTF-8."""
+    return (f"{what} is not UTF-8 text (the expected encoding): {error}; re-encode it as "
+            "UTF-8")
+
+
+def build_source(kind: str, size: int, options: dict | None = None,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES):
     """A source from the pretokenizer config: `kind` and the options of that kind.
 
     shapes: split, length, seed; folder: root, captions; shards: urls. Unknown options raise
-    a ValueError naming them.
+    a ValueError naming them. `max_pixels` bounds the images folder and shards sources decode
+    (None: no limit), `max_member_bytes` the tar members shards sources read.
     """
     builders = {
         "shapes": (ShapesSource, ("split", "length", "seed")),
@@ -550,4 +762,6 @@ def build_source(kind: str, size: int, options: dict | None = None):
         raise ValueError(f"source.{kind} has unknown options {unknown}; it takes {list(allowed)}")
     if kind == "shapes":
         return cls(size=size, **given)
-    return cls(**given)
+    if kind == "folder":
+        return cls(**given, max_pixels=max_pixels)
+    return cls(**given, max_pixels=max_pixels, max_member_bytes=max_member_bytes)

@@ -242,12 +242,27 @@ def cache_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
 def span_logits(model: nn.Module, hidden: torch.Tensor, span_range: tuple[int, int],
                 stop_ids: Sequence[int] = ()) -> torch.Tensor:
     """Final hidden states [N, C] -> logits [N, (hi - lo) + len(stop_ids)]: the span's ids,
-    then the stop ids (one embedding row each, so far cheaper than the full vocabulary)."""
+    then the stop ids (one embedding row each, so far cheaper than the full vocabulary).
+
+    Raises NonFiniteLogitsError when any logit is NaN or infinite (diverged or overflowing
+    weights): sampling from them would silently draw one id everywhere.
+    """
     logits = model.logits(hidden, span_range)  # (N, hi - lo)
     if stop_ids:
         extra = [model.logits(hidden, (stop, stop + 1)) for stop in stop_ids]  # each (N, 1)
         logits = torch.cat([logits, *extra], dim=-1)
+    if not bool(torch.isfinite(logits).all()):
+        rows = (~torch.isfinite(logits)).any(dim=-1).nonzero().flatten().tolist()
+        raise NonFiniteLogitsError(
+            f"the model's logits are NaN or infinite for {len(rows)} of {logits.shape[0]} rows "
+            f"(first rows {rows[:5]}), computed in {logits.dtype}: its weights diverged or "
+            "overflow in this dtype; check them (cogview.safe_load.check_finite) or run in "
+            "float32 (dtype=float32)")
     return logits
+
+
+class NonFiniteLogitsError(FloatingPointError):
+    """Logits with NaN or inf values during generation or scoring."""
 
 
 def decode_buffers(model: nn.Module, batch: PromptBatch, num_tokens: int, pad_id: int,

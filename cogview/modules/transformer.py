@@ -445,6 +445,8 @@ class CogViewTransformer(nn.Module):
         """
         from safetensors.torch import load_file
 
+        from cogview.safe_load import check_finite
+
         directory = Path(directory)
         config_path, weights_path = directory / "config.json", directory / "model.safetensors"
         for path in (config_path, weights_path):
@@ -461,6 +463,7 @@ class CogViewTransformer(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         state = load_file(str(weights_path), device=str(map_location))
+        check_finite(state, weights_path)
         dtype = dtype or torch.float32
         state = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor
                  for name, tensor in state.items()}

@@ -38,6 +38,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from vector_quantize_pytorch import VectorQuantize
 
+from cogview.safe_load import check_finite
+
 ImageInput = Union[torch.Tensor, Image.Image, Sequence[Image.Image]]
 
 CONFIG_NAME = "config.json"
@@ -539,6 +541,7 @@ class VQVAE(nn.Module):
         model = cls(config)
         state = load_file(str(weights_path), device=str(map_location))
         _check_state_dict(model.state_dict(), state, source=str(weights_path))
+        check_finite(state, weights_path)
         model.load_state_dict(state)
         return model.to(map_location).eval()
 

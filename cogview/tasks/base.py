@@ -14,8 +14,14 @@ class CogViewTask(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
+        # max_steps when set: estimated_stepping_batches would build the train DataLoader now,
+        # before a resumed run's loops are restored, and the stream could not continue from
+        # the checkpoint's position (TokenDataModule.train_dataloader)
+        total = self.trainer.max_steps
+        if total is None or total < 0:
+            total = self.trainer.estimated_stepping_batches
         return build_optimizer(self.model, hp.lr, hp.weight_decay, hp.betas, hp.warmup_steps,
-                               self.trainer.estimated_stepping_batches, hp.min_lr_ratio)
+                               total, hp.min_lr_ratio)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[TASK_KEY] = task_class_path(self)  # lets cogview.export rebuild the task

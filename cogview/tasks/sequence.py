@@ -16,6 +16,7 @@ import torch
 
 from cogview.modules.losses import check_loss_vocab, full_loss, span_loss
 from cogview.modules.transformer import CogViewTransformer, TransformerConfig
+from cogview.safe_load import check_finite, load_torch_file
 from cogview.tasks.base import CogViewTask
 from cogview.tokenization import build_text_tokenizer, load_text_tokenizer, text_slots_for
 from cogview.tokenization.vocab import CogViewVocab
@@ -43,8 +44,9 @@ def read_num_codes(vqvae_dir: str | Path) -> int:
     return int(json.loads(path.read_text())["num_codes"])
 
 
-def checkpoint_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
-    """Transformer weights from a Lightning checkpoint or an export directory."""
+def checkpoint_state_dict(source: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Transformer weights from a Lightning checkpoint (read weights-only unless
+    ``trust_pickle``) or an export directory; NaN or inf weights are an error."""
     source = Path(source)
     if source.is_dir():
         from safetensors.torch import load_file
@@ -52,11 +54,18 @@ def checkpoint_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
         weights = source / "model.safetensors"
         if not weights.is_file():
             raise FileNotFoundError(f"init_from={source}: no model.safetensors in that directory")
-        return load_file(str(weights))
-    if not source.is_file():
+        state = load_file(str(weights))
+    elif not source.is_file():
         raise FileNotFoundError(f"init_from={source}: no such checkpoint file or export directory")
-    state = torch.load(source, map_location="cpu", weights_only=True)["state_dict"]
-    return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    else:
+        checkpoint = load_torch_file(source, trust_pickle=trust_pickle)
+        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+            raise ValueError(f"init_from={source} is not a Lightning checkpoint (no state_dict "
+                             "entry): give a cogview .ckpt or an export directory")
+        state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()
+                 if k.startswith("model.")}
+    check_finite(state, f"init_from={source}")
+    return state
 
 
 def load_matching(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -102,10 +111,11 @@ class SequenceTask(CogViewTask):
                  sample_dir: str | None = None, max_text_len: int = 64,
                  caption_dropout: float = 0.0, sample_prompts: list[str] | None = None,
                  sample_seed: int = 0, sample_top_k: int = 200, sample_temperature: float = 1.0,
-                 fixed_image_positions: bool = False, loss_vocab: str = "span") -> None:
+                 fixed_image_positions: bool = False, loss_vocab: str = "span",
+                 trust_pickle: bool = False) -> None:
         super().__init__()
         check_loss_vocab(loss_vocab)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["trust_pickle"])  # a run's choice, not the model's
         # image position ids independent of the caption's length (layouts.py)
         self.text_slots = text_slots_for(fixed_image_positions, max_text_len)
         self.text_tokenizer = build_tokenizer(tokenizer)
@@ -114,7 +124,7 @@ class SequenceTask(CogViewTask):
         settings["vocab_size"] = self.vocab.size
         self.model = CogViewTransformer(TransformerConfig.from_dict(settings))
         if init_from:
-            load_matching(self.model, checkpoint_state_dict(init_from), init_from)
+            load_matching(self.model, checkpoint_state_dict(init_from, trust_pickle), init_from)
             log.info("initialised the %s model from %s", self.layout_name, init_from)
             self._warn_on_other_positions(Path(init_from))
         self.sample_dir = Path(sample_dir) if sample_dir else None
