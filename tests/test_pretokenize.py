@@ -382,6 +382,9 @@ def test_rerun_skips_done_shards_and_refuses_a_different_config(vqvae_dir, tmp_p
 
 def test_interrupted_shard_run_resumes_without_rereading_finished_inputs(
         vqvae_dir, tmp_path, monkeypatch):
+    """Input tars have their own output shards (5 samples, shard_size=3: two shards each); a
+    kill after three shards leaves tar 0 done (not opened again), tar 1 half done (its first
+    shard kept, the tar read again for the second)."""
     inputs = tmp_path / "in"
     inputs.mkdir()
     urls = []
@@ -391,31 +394,37 @@ def test_interrupted_shard_run_resumes_without_rereading_finished_inputs(
         (inputs / f"{s}.tar").write_bytes(tar_bytes(members))
         urls.append(str(inputs / f"{s}.tar"))
     args = ("source.kind=shards", f"source.shards.urls='{inputs}/{{0..3}}.tar'", "size=16",
-            "shard_size=5", "batch_size=2")
+            "shard_size=3", "batch_size=2")
     out = tmp_path / "out"
     finish, finished = ShardWriter.finish, []
 
     def finish_then_die(self):
-        if len(finished) == 2:
+        if len(finished) == 3:
             raise KeyboardInterrupt("simulated kill")
-        finished.append(self.index)
+        finished.append(self.name)
         return finish(self)
 
     monkeypatch.setattr(ShardWriter, "finish", finish_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(vqvae_dir, out, *args)
-    assert sorted(p.name for p in out.glob("*.tar")) == ["tokens-000000.tar", "tokens-000001.tar"]
+    first = ["tokens-000000-000000.tar", "tokens-000000-000001.tar", "tokens-000001-000000.tar"]
+    assert sorted(p.name for p in out.glob("*.tar")) == first
+    assert [p.name for p in out.glob("*.part.json")] == ["tokens-000000.part.json"]
     assert not list(out.glob("*.tmp")), "a partial shard was left behind"
+    kept = {name: (out / name).stat().st_ino for name in first}
     monkeypatch.setattr(ShardWriter, "finish", finish)
     opened = []
     original_read_tar = sources.read_tar
     monkeypatch.setattr(sources, "read_tar", lambda url, *a: opened.append(url) or
                         original_read_tar(url, *a))
     manifest = run(vqvae_dir, out, *args)
-    assert urls[0] not in opened and opened == urls[1:]
+    assert opened == urls[1:], "a finished input tar was read again"
+    assert {name: (out / name).stat().st_ino for name in first} == kept
     keys = [json.loads(s["json"])["key"] for s in read_samples(out)]
     assert keys == [f"{s}{i:02d}" for s in range(4) for i in range(5)]
-    assert manifest["num_samples"] == 20 and len(manifest["shards"]) == 4
+    assert manifest["num_samples"] == 20 and len(manifest["shards"]) == 8
+    assert [s["__key__"] for s in read_samples(out)][:6] == [
+        f"{0:06d}-{i:09d}" for i in range(5)] + [f"{1:06d}-{0:09d}"]
 
 
 def test_sigkill_mid_run_then_rerun_gives_every_sample_exactly_once(vqvae_dir, tmp_path):

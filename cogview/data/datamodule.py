@@ -40,6 +40,7 @@ import io
 import json
 import logging
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,14 +117,30 @@ def load_manifest(path: str) -> dict:
     return manifest
 
 
+def _shard_file_name(url: str) -> str:
+    """The .tar file name in a shard URL, a pipe: command included ('pipe:aws s3 cp
+    s3://b/tokens-000001.tar -' -> 'tokens-000001.tar')."""
+    names = re.findall(r"[^/\s'\"]+\.tar\b", url)
+    return names[-1] if names else url.rsplit("/", 1)[-1]
+
+
 def resolve_shards(spec: str | Sequence[str], manifest: str | None = None) -> ShardSet:
-    """Shards from a directory (its manifest.json lists them), a brace pattern, or a URL list.
+    """Shards from a directory (its manifest.json lists them), a brace pattern, a URL list, or
+    a URL template with `{name}` filled in with every shard name `manifest` lists (shards
+    that pretokenize sent elsewhere with shard_url, e.g. 'pipe:aws s3 cp s3://b/t/{name} -').
 
     For a pattern or list of local files the manifest is looked up beside the first shard,
     unless `manifest` names it.
     """
     if isinstance(spec, (list, tuple)) or not isinstance(spec, str):
         spec = [str(s) for s in spec]
+    if isinstance(spec, str) and "{name}" in spec:  # one URL per shard the manifest lists
+        if manifest is None:
+            raise ValueError(f"shard spec {spec!r} has a {{name}} placeholder: give the "
+                             "manifest that lists the shard names (data.manifest=PATH)")
+        data = load_manifest(manifest)
+        return ShardSet([spec.replace("{name}", s["name"]) for s in data["shards"]],
+                        [int(s["samples"]) for s in data["shards"]], data, manifest)
     if isinstance(spec, str) and Path(spec).is_dir():
         directory = Path(spec)
         manifest_path = manifest or str(directory / MANIFEST_NAME)
@@ -148,7 +165,7 @@ def resolve_shards(spec: str | Sequence[str], manifest: str | None = None) -> Sh
         return ShardSet(urls, [None] * len(urls))
     data = load_manifest(manifest)
     by_name = {s["name"]: int(s["samples"]) for s in data["shards"]}
-    counts = [by_name.get(url.rsplit("/", 1)[-1]) for url in urls]
+    counts = [by_name.get(_shard_file_name(url)) for url in urls]
     return ShardSet(urls, counts, data, manifest)
 
 

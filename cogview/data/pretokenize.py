@@ -11,21 +11,38 @@
     <key>.lowres_codes.npy  with sr=true: codes of the image resized to size/2, [size/16, size/16]
     <key>.json              {"key": source key, "size", "original_size", "source", "scene"?}
 
-where <key> is the input position, zero-padded. `OUT/manifest.json` records the samples of each
-shard, the skipped inputs by reason, what broken input tars lost ("lost": bytes, members and
-samples by reason, see cogview.data.sources.TarProblem), the input limits (`max_pixels`,
-`max_member_bytes`) and the fingerprints of both tokenizers (the DataModule refuses shards whose
-fingerprints differ from the model's tokenizers).
+where <key> is the input position, zero-padded (for a shards source: the input tar's index and
+the position within it). `OUT/manifest.json` records the samples of each shard, the skipped
+inputs by reason, what broken input tars lost ("lost": bytes, members and samples by reason, see
+cogview.data.sources.TarProblem), the input limits (`max_pixels`, `max_member_bytes`) and the
+fingerprints of both tokenizers (the DataModule refuses shards whose fingerprints differ from
+the model's tokenizers).
 
-Resume design: the input is read in one deterministic order (see cogview.data.sources), and
-shard i always covers input positions [i*N, (i+1)*N) (N = shard_size), however many of them
-are skipped as bad input. A shard is written to `<name>.tar.tmp`, its stats to
-`<name>.stats.json`, and only then renamed to `<name>.tar`; a final-named tar is therefore
-complete. A rerun (same config) skips every completed shard without re-reading its inputs
-(shapes-zh indices and folder rows are skipped by index; input tars are skipped up to the
-position recorded in the last completed shard's stats), so a killed run resumes without redoing
-or duplicating work. A rerun with a different config into the same directory is an error (the
-input limits are not part of it: a rerun with other limits applies them to the shards it writes).
+Output layout and resume. Every output shard covers a fixed range of N = shard_size inputs,
+however many of them are skipped as bad input:
+- shapes and folder sources (inputs addressable by index): shard i, `<prefix>-<i>.tar`, holds
+  input positions [i*N, (i+1)*N);
+- shards sources: each input tar k has its own shards, `<prefix>-<k>-<j>.tar` holding its
+  samples [j*N, (j+1)*N), so outputs are named from their input and any process can start at
+  any input tar. When all of tar k's shards are written, `<prefix>-<k>.part.json` marks it done.
+A shard is written to `<name>.tar.tmp`, its stats to `<name>.stats.json`, and only then renamed
+to `<name>.tar`; a final-named tar is therefore complete. With `shard_url` (any URL
+webdataset can write, e.g. 'pipe:aws s3 cp - s3://bucket/tokens/{name}') the finished tar is
+streamed there instead, and its stats are written once the command succeeded. A rerun (same
+config) keeps every completed shard without re-reading its inputs (indexed inputs are skipped
+by index, input tars marked done are not opened), so a killed run resumes without redoing or
+duplicating work. A rerun with a different config into the same directory is an error (the
+input limits are not part of it: a rerun with other limits applies them to the shards it
+writes).
+
+Many processes and nodes (torchrun, SLURM, or rank=/world_size=): rank r of W takes the units
+u with u % W == r (output shards of an indexed source, input tars of a shards source), encodes
+on its own device (`device=cuda` means cuda:LOCAL_RANK) and writes into the same `out`, which
+must be one directory all nodes see. Ranks do not talk to each other: the rank that finds every
+unit done when it ends writes the manifest, and `merge=true` writes it from what `out` holds
+(an error listing what is missing). Shards written with another configuration or tokenizer are
+refused at the merge, naming their fingerprints. A dead rank or a lost node is redone by
+rerunning the same command.
 
 Work split: worker processes (`num_workers`, 0 = in the main process) decode, resize and
 tokenize text; the main process encodes images with the VQ-VAE in batches of `batch_size` and
@@ -72,7 +89,7 @@ log = logging.getLogger("cogview.pretokenize")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 MANIFEST_NAME = "manifest.json"
 FORMAT = "cogview-tokens"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one output set per input tar for shards sources
 DEFAULT_WORKER_RETRIES = 2  # conf/pretokenize.yaml's worker_retries, for configs without it
 
 
@@ -96,18 +113,42 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def shard_name(prefix: str, index: int) -> str:
-    """File name of output shard `index`: '<prefix>-000042.tar'."""
-    return f"{prefix}-{index:06d}.tar"
+ShardId = tuple  # (i,): positions [i*N, (i+1)*N) of the input; (k, j): of input tar k
 
 
-def _stats_path(out: Path, prefix: str, index: int) -> Path:
-    return out / f"{prefix}-{index:06d}.stats.json"
+def shard_name(prefix: str, shard: int | ShardId) -> str:
+    """File name of an output shard: '<prefix>-000042.tar' for shard 42 of an indexed source,
+    '<prefix>-000007-000002.tar' for shard 2 of input tar 7 of a shards source."""
+    return _shard_stem(prefix, shard) + ".tar"
+
+
+def _shard_stem(prefix: str, shard: int | ShardId) -> str:
+    numbers = shard if isinstance(shard, tuple) else (shard,)
+    return f"{prefix}-" + "-".join(f"{n:06d}" for n in numbers)
+
+
+def _shard_id_of(name: str, prefix: str, suffix: str) -> ShardId | None:
+    """The ShardId in a file name written by this module, or None for any other name."""
+    if not (name.startswith(prefix + "-") and name.endswith(suffix)):
+        return None
+    numbers = name[len(prefix) + 1:len(name) - len(suffix)].split("-")
+    if not all(n.isdigit() for n in numbers) or len(numbers) > 2:
+        return None
+    return tuple(int(n) for n in numbers)
+
+
+def _stats_path(out: Path, prefix: str, shard: ShardId) -> Path:
+    return out / (_shard_stem(prefix, shard) + ".stats.json")
+
+
+def _part_path(out: Path, prefix: str, part: int) -> Path:
+    return out / f"{prefix}-{part:06d}.part.json"
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON to a temporary file and rename it over `path` (never a half-written file)."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write JSON to a temporary file and rename it over `path` (never a half-written file;
+    the temporary name is per process, as ranks may write the same file at once)."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(payload, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
@@ -147,7 +188,7 @@ class Prepared:
     image: np.ndarray  # (S, S, 3) uint8
     lowres: np.ndarray | None  # (S/2, S/2, 3) uint8 with sr
     meta: dict
-    cursor: tuple[int, int] | None
+    part: int | None = None  # the input tar of a shards source (RawSample.part)
 
 
 @dataclass
@@ -158,7 +199,7 @@ class Skipped:
     key: str
     reason: str
     message: str
-    cursor: tuple[int, int] | None
+    part: int | None = None  # the input tar of a shards source (RawSample.part)
     lost: dict[str, int] | None = None  # what a broken input tar cost (TarProblem.lost)
 
 
@@ -187,10 +228,10 @@ def prepare_sample(raw: RawSample) -> Prepared | Skipped:
     from cogview.tokenization import encode_caption
 
     def skipped(reason: str, message: str) -> Skipped:
-        return Skipped(raw.position, raw.key, reason, message, raw.cursor)
+        return Skipped(raw.position, raw.key, reason, message, raw.part)
 
     if raw.error is not None:
-        return Skipped(raw.position, raw.key, *raw.error, raw.cursor, raw.lost)
+        return Skipped(raw.position, raw.key, *raw.error, raw.part, raw.lost)
     source, size = _WORKER["source"], _WORKER["size"]
     try:
         loaded: LoadedSample = source.load(raw)
@@ -221,7 +262,7 @@ def prepare_sample(raw: RawSample) -> Prepared | Skipped:
             f"the name or metadata of sample {raw.key!r}", error))
     return Prepared(raw.position, raw.key, loaded.caption,
                     np.asarray(text_ids, dtype=_WORKER["ids_dtype"]), np.asarray(image), lowres,
-                    meta, raw.cursor)
+                    meta, raw.part)
 
 
 def _prepare_chunk(chunk: list[RawSample]) -> list[Prepared | Skipped]:
@@ -324,7 +365,7 @@ class WorkerPool:
                        f"input {raw.position} ({raw.key}) killed its worker process each of the "
                        f"{1 + self.retries} times it was prepared alone (out of memory on a huge "
                        "image? see the kernel log); skipped. Lower max_pixels, or raise "
-                       "worker_retries to try it more often", raw.cursor)
+                       "worker_retries to try it more often", raw.part)
 
     def close(self) -> None:
         """Ends the workers, as multiprocessing.Pool.terminate did: after the last result they
@@ -360,42 +401,65 @@ def prepared_stream(items: Iterable[RawSample], pool: WorkerPool | None, chunk_s
 
 
 class ShardWriter:
-    """Writes output shard `index` to a temporary name; `finish` renames it when complete."""
+    """Writes one output shard to a temporary name; `finish` puts it in place when complete.
 
-    def __init__(self, out: Path, prefix: str, index: int, shard_size: int, signature: str) -> None:
+    The shard is written to `<name>.tmp` in `out`. Without `url_template` `finish` writes its
+    stats and renames it to `<name>` (a final-named tar is complete); with one (e.g.
+    'pipe:aws s3 cp - s3://bucket/tokens/{name}') it streams the finished file to that URL
+    through webdataset.gopen, and writes the stats only once the command exited with status 0
+    (a shard whose stats are missing is written again by a rerun, replacing any partial copy).
+    """
+
+    def __init__(self, out: Path, prefix: str, shard: ShardId, shard_size: int, signature: str,
+                 fingerprints: dict, url_template: str | None = None) -> None:
         import webdataset as wds
 
-        self.out, self.prefix, self.index = out, prefix, index
-        self.path = out / shard_name(prefix, index)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.out, self.prefix, self.shard = out, prefix, shard
+        self.name = shard_name(prefix, shard)
+        self.path = out / self.name
+        self.url = url_template.format(name=self.name) if url_template else None
+        self.tmp = self.path.with_name(self.name + ".tmp")
         # an integer mtime keeps tarfile from adding a pax header to every member
         self.writer = wds.TarWriter(str(self.tmp), encoder=False, mtime=int(time.time()))
-        self.first_position = index * shard_size
+        self.first_position = shard[-1] * shard_size
         self.last_position = self.first_position - 1
-        self.end_cursor: tuple[int, int] | None = None
         self.samples = 0
         self.skipped: Counter = Counter()
         self.lost: dict[str, Counter] = {}  # reason -> what broken input tars cost
-        self.signature = signature
+        self.signature, self.fingerprints = signature, fingerprints
 
     def write(self, sample: dict[str, Any]) -> None:
         self.writer.write(sample)
         self.samples += 1
 
     def finish(self) -> dict:
-        """Close, write the stats, rename the tar to its final name; returns the stats."""
+        """Close, put the tar in place, write the stats; returns the stats."""
         self.writer.close()
         stats = {
-            "shard": self.path.name, "index": self.index, "samples": self.samples,
+            "shard": self.name, "index": list(self.shard), "samples": self.samples,
             "skipped": dict(sorted(self.skipped.items())),
             "lost": sorted_lost(self.lost),
             "inputs": [self.first_position, self.last_position + 1],
-            "end_cursor": list(self.end_cursor) if self.end_cursor is not None else None,
-            "signature": self.signature,
+            "signature": self.signature, "fingerprints": self.fingerprints,
         }
-        write_json_atomic(_stats_path(self.out, self.prefix, self.index), stats)
+        if self.url is not None:
+            import webdataset as wds
+
+            with open(self.tmp, "rb") as source, wds.gopen(self.url, "wb") as target:
+                while piece := source.read(1 << 20):
+                    target.write(piece)
+            self.tmp.unlink()
+            write_json_atomic(_stats_path(self.out, self.prefix, self.shard),
+                              {**stats, "url": self.url})
+            return {**stats, "url": self.url}
+        write_json_atomic(_stats_path(self.out, self.prefix, self.shard), stats)
         os.replace(self.tmp, self.path)
         return stats
+
+    def abandon(self) -> None:
+        """An error stopped the run: leave no partial shard behind."""
+        self.writer.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 class _SkipLog:
@@ -428,6 +492,13 @@ def _key_width(num_items: int | None) -> int:
     return max(9, len(str(num_items - 1))) if num_items else 9
 
 
+def _sample_key(p: Prepared, key_width: int) -> str:
+    """An output sample's key: its input position, after its input tar's index for shards."""
+    if p.part is None:
+        return f"{p.position:0{key_width}d}"
+    return f"{p.part:06d}-{p.position:09d}"
+
+
 def _write_batch(vqvae, batch: list[Prepared], shard: ShardWriter, codes_dtype: np.dtype,
                  key_width: int) -> None:
     if not batch:
@@ -438,7 +509,7 @@ def _write_batch(vqvae, batch: list[Prepared], shard: ShardWriter, codes_dtype: 
         lowres = encode_images(vqvae, [p.lowres for p in batch], codes_dtype)
     for i, p in enumerate(batch):
         sample = {
-            "__key__": f"{p.position:0{key_width}d}",
+            "__key__": _sample_key(p, key_width),
             "txt": p.caption.encode("utf-8"),
             "text_ids.npy": npy_bytes(p.text_ids),
             "image_codes.npy": npy_bytes(codes[i]),
@@ -454,17 +525,66 @@ def _signature(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _completed_shards(out: Path, prefix: str, signature: str) -> dict[int, dict]:
-    """Stats of the shards a previous run finished (final-named tar + stats, same signature)."""
-    done = {}
-    for stats_file in sorted(out.glob(f"{prefix}-*.stats.json")):
-        try:
-            stats = json.loads(stats_file.read_text())
-        except (json.JSONDecodeError, OSError):
+def _read_stats(out: Path, prefix: str) -> dict[ShardId, dict]:
+    """The stats files in `out`, by shard (unreadable ones, from a killed write, left out)."""
+    found = {}
+    for path in sorted(out.glob(f"{prefix}-*.stats.json")):
+        shard = _shard_id_of(path.name, prefix, ".stats.json")
+        if shard is None:
             continue
-        if stats.get("signature") == signature and (out / stats["shard"]).is_file():
-            done[int(stats["index"])] = stats
-    return done
+        try:
+            found[shard] = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+            continue
+    return found
+
+
+def _shard_in_place(out: Path, stats: dict) -> bool:
+    """A shard whose stats say it is complete is there: its tar in `out`, or sent to its URL."""
+    return bool(stats.get("url")) or (out / stats["shard"]).is_file()
+
+
+def _completed_shards(out: Path, prefix: str, signature: str) -> dict[ShardId, dict]:
+    """Stats of the shards already finished (by any rank or run) with this configuration."""
+    return {shard: stats for shard, stats in _read_stats(out, prefix).items()
+            if stats.get("signature") == signature and _shard_in_place(out, stats)}
+
+
+def _completed_parts(out: Path, prefix: str, signature: str) -> dict[int, dict]:
+    """Input tars of a shards source whose every output shard is finished (their marker)."""
+    parts = {}
+    for path in sorted(out.glob(f"{prefix}-*.part.json")):
+        try:
+            marker = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+            continue
+        if marker.get("signature") == signature:
+            parts[int(marker["part"])] = marker
+    return parts
+
+
+def distributed_position(cfg) -> tuple[int, int, int]:
+    """(rank, world size, local rank) of this process: `rank`/`world_size` from the config when
+    set, else torchrun's RANK / WORLD_SIZE / LOCAL_RANK, else SLURM's SLURM_PROCID /
+    SLURM_NTASKS / SLURM_LOCALID, else a single process (0, 1, 0)."""
+    env = os.environ
+    rank, world = cfg.get("rank"), cfg.get("world_size")
+    if rank is None and world is None:
+        if "WORLD_SIZE" in env:
+            rank, world = env.get("RANK", "0"), env["WORLD_SIZE"]
+        elif "SLURM_NTASKS" in env:
+            rank, world = env.get("SLURM_PROCID", "0"), env["SLURM_NTASKS"]
+        else:
+            rank, world = 0, 1
+    elif rank is None or world is None:
+        raise ValueError(f"rank={rank} and world_size={world}: set both, or neither (then "
+                         "torchrun's or SLURM's environment decides)")
+    rank, world = int(rank), int(world)
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank={rank} with world_size={world}: the rank must be in "
+                         f"[0, {world})")
+    local = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
+    return rank, world, local
 
 
 def _check_config(cfg) -> None:
@@ -498,7 +618,14 @@ def _check_config(cfg) -> None:
 
 
 class Pretokenizer:
-    """One pretokenize run: config checks, tokenizers and source in __init__, the work in run()."""
+    """One pretokenize run: config checks, tokenizers and source in __init__, the work in run().
+
+    With several ranks (torchrun, SLURM, or `rank`/`world_size`), each takes every
+    world_size-th unit of work, starting at its rank: an output shard of an indexed source
+    (shapes, folder), an input tar of a shards source. Ranks share `out` (one directory for
+    all nodes) and need not talk to each other: the rank that finds every unit done when it
+    ends writes the manifest (`merge=true` writes it from what is there).
+    """
 
     def __init__(self, cfg) -> None:
         from omegaconf import OmegaConf
@@ -512,6 +639,8 @@ class Pretokenizer:
         self.cfg = cfg
         self.size, self.shard_size, self.sr = int(cfg.size), int(cfg.shard_size), bool(cfg.sr)
         self.out, self.prefix = Path(cfg.out), str(cfg.shard_prefix)
+        self.shard_url = cfg.get("shard_url") or None
+        self.rank, self.world_size, local_rank = distributed_position(cfg)
         kind = cfg.source.kind
         options = cfg.source.get(kind) if kind in cfg.source else None
         max_pixels = cfg.get("max_pixels", DEFAULT_MAX_PIXELS)
@@ -521,23 +650,27 @@ class Pretokenizer:
         self.source = build_source(kind, self.size,
                                    OmegaConf.to_container(options) if options is not None else {},
                                    **self.limits)
+        self.per_input = hasattr(self.source, "part_items")  # one output set per input tar
         self.num_items = self.source.num_items()
         if self.num_items == 0:
             raise NoUsableSamplesError(f"source {self.source.describe()} holds no input samples")
         self.tokenizer_cfg = OmegaConf.to_container(cfg.text_tokenizer)
         tokenizer = build_text_tokenizer_from_config(self.tokenizer_cfg)
-        self.vqvae = VQVAE.from_pretrained(cfg.vqvae_dir, map_location=cfg.device)
-        fingerprints = {"image_tokenizer": image_tokenizer_fingerprint(self.vqvae),
-                        "text_tokenizer": tokenizer.fingerprint()}
+        self.device = str(cfg.device)
+        if self.device == "cuda":  # each rank encodes on its own GPU
+            self.device = f"cuda:{local_rank}"
+        self.vqvae = VQVAE.from_pretrained(cfg.vqvae_dir, map_location=self.device)
+        self.fingerprints = {"image_tokenizer": image_tokenizer_fingerprint(self.vqvae),
+                             "text_tokenizer": tokenizer.fingerprint()}
         self.codes_dtype = index_dtype(self.vqvae.num_codes)
         self.signature = _signature({
             "format": FORMAT, "version": FORMAT_VERSION, "source": self.source.describe(),
             "size": self.size, "sr": self.sr, "shard_size": self.shard_size,
-            "prefix": self.prefix, "fingerprints": fingerprints})
+            "prefix": self.prefix, "fingerprints": self.fingerprints})
         grid = self.size // self.vqvae.downsample
         self.manifest: dict[str, Any] = {
             "format": FORMAT, "version": FORMAT_VERSION, "complete": False,
-            "signature": self.signature, "fingerprints": fingerprints,
+            "signature": self.signature, "fingerprints": self.fingerprints,
             "image_tokenizer": {"path": str(cfg.vqvae_dir), "num_codes": self.vqvae.num_codes,
                                 "downsample": self.vqvae.downsample,
                                 "codes_dtype": self.codes_dtype.name},
@@ -547,9 +680,25 @@ class Pretokenizer:
             "lowres_size": self.size // 2 if self.sr else None,
             "lowres_code_shape": [grid // 2, grid // 2] if self.sr else None,
             "shard_size": self.shard_size, "shard_prefix": self.prefix,
+            "layout": "per_input_tar" if self.per_input else "positions",
             "source": self.source.describe(), "limits": self.limits,
         }
         self.manifest_path = self.out / MANIFEST_NAME
+
+    # -- units of work and who does them -----------------------------------------------------
+    def _num_units(self) -> int:
+        """Input tars (shards source) or output shards (indexed sources) in all."""
+        if self.per_input:
+            return self.source.num_parts()
+        return -(-self.num_items // self.shard_size)
+
+    def _mine(self, unit: int) -> bool:
+        return unit % self.world_size == self.rank
+
+    def _shard_of(self, result: Prepared | Skipped) -> ShardId:
+        if self.per_input:
+            return result.part, result.position // self.shard_size
+        return (result.position // self.shard_size,)
 
     # -- output directory and resume ---------------------------------------------------------
     def _previous_run(self) -> dict | None:
@@ -558,45 +707,60 @@ class Pretokenizer:
             return None
         previous = json.loads(self.manifest_path.read_text(encoding="utf-8"))
         if previous.get("signature") != self.signature:
+            tokenizers = ""
+            if previous.get("fingerprints") != self.fingerprints:
+                tokenizers = (f"; the tokenizers differ: {previous.get('fingerprints')} there, "
+                              f"{self.fingerprints} here")
             raise ValueError(
                 f"{self.out} already holds shards written with a different configuration "
                 f"(manifest signature {previous.get('signature')}, this run {self.signature}: "
-                "source, size, sr, shard_size, shard_prefix or a tokenizer differ). Use a new "
-                "out=DIR, or delete that directory to start over."
+                "source, size, sr, shard_size, shard_prefix or a tokenizer differ"
+                f"{tokenizers}). Use a new out=DIR, or delete that directory to start over."
             )
         return previous
 
-    def _items(self, done: dict[int, dict]) -> Iterator[RawSample]:
-        """Inputs of the shards still to write; the finished prefix is not read again."""
-        first_todo = 0
-        while first_todo in done:
-            first_todo += 1
-        start, resume = first_todo * self.shard_size, None
-        if first_todo > 0 and done[first_todo - 1].get("end_cursor") is not None:
-            url_index, ordinal = done[first_todo - 1]["end_cursor"]
-            resume = (url_index, ordinal + 1)
-        if done:
-            log.info("resuming: %d completed shards kept, starting at input %d", len(done), start)
-        return (raw for raw in self.source.items(start, resume)
-                if raw.position // self.shard_size not in done)
+    def _remove_own_temporaries(self) -> None:
+        """Partial shards a killed run of this rank left (other ranks' are theirs to handle)."""
+        for stale in self.out.glob(f"{self.prefix}-*.tar.tmp"):
+            shard = _shard_id_of(stale.name, self.prefix, ".tar.tmp")
+            if shard is not None and self._mine(shard[0]):
+                stale.unlink(missing_ok=True)
+
+    def _indexed_items(self, done: dict[ShardId, dict]) -> Iterator[RawSample]:
+        """Inputs of this rank's output shards still to write (finished ones are not read)."""
+        for shard in range(self.rank, self._num_units(), self.world_size):
+            if (shard,) not in done:
+                yield from self.source.items(shard * self.shard_size,
+                                             (shard + 1) * self.shard_size)
 
     # -- the work ----------------------------------------------------------------------------
     def run(self) -> dict:
-        """Write every missing shard, then the manifest; returns the manifest."""
+        """Write this rank's missing shards, then, when every rank's are done, the manifest;
+        returns the manifest (`complete` false while other ranks' shards are missing)."""
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         previous = self._previous_run()
         if previous is not None and previous.get("complete") and all(
-                (self.out / s["name"]).is_file() for s in previous["shards"]):
+                _shard_in_place(self.out, {"shard": s["name"], "url": s.get("url")})
+                for s in previous["shards"]):
             log.info("%s is already complete (%d samples in %d shards); nothing to do", self.out,
                      previous["num_samples"], len(previous["shards"]))
             return previous
+        if cfg.get("merge"):
+            return self._merge(required=True)
         if previous is None:
             write_json_atomic(self.manifest_path, self.manifest)
-        for stale in self.out.glob(f"{self.prefix}-*.tar.tmp"):  # left by a killed run
-            stale.unlink()
+        self._remove_own_temporaries()
         done = _completed_shards(self.out, self.prefix, self.signature)
-        items = self._items(done)
+        parts_done = _completed_parts(self.out, self.prefix, self.signature) \
+            if self.per_input else {}
+        mine = [u for u in range(self.rank, self._num_units(), self.world_size)]
+        kept = [s for s in done if self._mine(s[0])]
+        if kept:
+            log.info("resuming: %d completed shards kept", len(kept))
+        if self.world_size > 1:
+            log.info("rank %d of %d: %d of %d %s are this rank's", self.rank, self.world_size,
+                     len(mine), self._num_units(), "input tars" if self.per_input else "shards")
 
         num_workers = int(cfg.num_workers)
         init_args = (self.source, self.tokenizer_cfg, self.size, self.sr)
@@ -608,22 +772,42 @@ class Pretokenizer:
             _init_worker(*init_args)
         from tqdm import tqdm
 
-        remaining = None if self.num_items is None else self.num_items - sum(
-            s["inputs"][1] - s["inputs"][0] for s in done.values())
-        bar = tqdm(total=remaining, desc=f"pretokenize {cfg.source.kind}", unit="sample",
-                   mininterval=1.0, disable=not cfg.progress, dynamic_ncols=True)
-        started = time.perf_counter()
+        remaining = None
+        if not self.per_input:
+            remaining = sum(min(self.num_items, (u + 1) * self.shard_size) - u * self.shard_size
+                            for u in mine if (u,) not in done)
+        desc = f"pretokenize {cfg.source.kind}"
+        if self.world_size > 1:
+            desc += f" (rank {self.rank}/{self.world_size})"
+        bar = tqdm(total=remaining, desc=desc, unit="sample", mininterval=1.0,
+                   disable=not cfg.progress, dynamic_ncols=True, position=self.rank)
+        started, written = time.perf_counter(), 0
+        in_flight = max(2, 4 * num_workers)
         try:
-            results = prepared_stream(items, pool, int(cfg.chunk_size), max(2, 4 * num_workers))
-            written = self._write_shards(results, done, bar)
+            if self.per_input:
+                for part in mine:
+                    if part in parts_done:
+                        continue
+                    items = self.source.part_items(
+                        part, lambda position, part=part:
+                        (part, position // self.shard_size) not in done)
+                    results = prepared_stream(items, pool, int(cfg.chunk_size), in_flight)
+                    written += self._write_shards(results, done, bar)
+                    self._finish_part(part, done)
+            else:
+                results = prepared_stream(self._indexed_items(done), pool, int(cfg.chunk_size),
+                                          in_flight)
+                written = self._write_shards(results, done, bar)
         finally:
             bar.close()
             if pool is not None:
                 pool.close()
         rate = written / max(time.perf_counter() - started, 1e-9)
-        return self._finish(done, written, rate)
+        log.info("wrote %d samples (%.1f samples/s)%s", written, rate,
+                 f" on rank {self.rank}" if self.world_size > 1 else "")
+        return self._merge(required=self.world_size == 1)
 
-    def _write_shards(self, results: Iterable[Prepared | Skipped], done: dict[int, dict],
+    def _write_shards(self, results: Iterable[Prepared | Skipped], done: dict[ShardId, dict],
                       bar) -> int:
         """Encode and write results (in input order) shard by shard; returns samples written."""
         batch_size, key_width = int(self.cfg.batch_size), _key_width(self.num_items)
@@ -634,18 +818,18 @@ class Pretokenizer:
 
         def finish_shard() -> None:
             _write_batch(self.vqvae, pending, shard, self.codes_dtype, key_width)
-            done[shard.index] = shard.finish()
+            done[shard.shard] = shard.finish()
 
         try:
             for result in results:
-                index = result.position // self.shard_size
-                if shard is not None and index != shard.index:
+                shard_id = self._shard_of(result)
+                if shard is not None and shard_id != shard.shard:
                     finish_shard()
                     shard = None
                 if shard is None:
-                    shard = ShardWriter(self.out, self.prefix, index, self.shard_size,
-                                        self.signature)
-                shard.last_position, shard.end_cursor = result.position, result.cursor
+                    shard = ShardWriter(self.out, self.prefix, shard_id, self.shard_size,
+                                        self.signature, self.fingerprints, self.shard_url)
+                shard.last_position = result.position
                 if isinstance(result, Skipped):
                     shard.skipped[result.reason] += 1
                     if result.lost:
@@ -656,7 +840,7 @@ class Pretokenizer:
                     written += 1
                     if len(pending) >= batch_size:
                         _write_batch(self.vqvae, pending, shard, self.codes_dtype, key_width)
-                if result.position == (index + 1) * self.shard_size - 1:  # its last input
+                if result.position == (shard_id[-1] + 1) * self.shard_size - 1:  # its last input
                     finish_shard()
                     shard = None
                 bar.update(1)
@@ -667,32 +851,84 @@ class Pretokenizer:
                 shard = None
         finally:
             if shard is not None:  # an error stopped the run: leave no partial shard behind
-                shard.writer.close()
-                shard.tmp.unlink(missing_ok=True)
+                shard.abandon()
         return written
 
-    def _finish(self, done: dict[int, dict], written: int, rate: float) -> dict:
+    def _finish_part(self, part: int, done: dict[ShardId, dict]) -> None:
+        """Marks input tar `part` as done: a rerun does not open it again."""
+        shards = [done[s] for s in sorted(done) if s[0] == part]
+        write_json_atomic(_part_path(self.out, self.prefix, part), {
+            "part": part, "url": self.source.urls[part], "signature": self.signature,
+            "shards": [s["shard"] for s in shards],
+            "inputs": sum(s["inputs"][1] - s["inputs"][0] for s in shards)})
+
+    # -- the manifest ------------------------------------------------------------------------
+    def _missing(self, done: dict[ShardId, dict]) -> list[str]:
+        """What is not finished yet: input tars (shards source) or output shard names."""
+        if self.per_input:
+            parts = _completed_parts(self.out, self.prefix, self.signature)
+            return [f"{url} (input tar {k}, rank {k % self.world_size})"
+                    for k, url in enumerate(self.source.urls)
+                    if k not in parts or any(_shard_id_of(name, self.prefix, ".tar") not in done
+                                             for name in parts[k]["shards"])]
+        return [shard_name(self.prefix, u) for u in range(self._num_units()) if (u,) not in done]
+
+    def _check_foreign(self, found: dict[ShardId, dict]) -> None:
+        """Refuses outputs of another configuration or tokenizer in the same directory."""
+        foreign = {shard: s for shard, s in found.items()
+                   if s.get("signature") != self.signature}
+        if not foreign:
+            return
+        shard, stats = next(iter(sorted(foreign.items())))
+        raise ValueError(
+            f"{self.out} holds {len(foreign)} shard(s) written with another configuration or "
+            f"tokenizer, e.g. {stats.get('shard')} (fingerprints "
+            f"{stats.get('fingerprints', 'not recorded')}; this run's {self.fingerprints}): "
+            "refusing to merge them into one manifest. Move them out (or delete them and their "
+            ".stats.json files) and run again.")
+
+    def _merge(self, required: bool) -> dict:
+        """Writes the manifest from every finished shard in `out` once nothing is missing; with
+        `required`, a missing part is an error, else (another rank is still at work) it returns
+        the incomplete manifest."""
+        found = _read_stats(self.out, self.prefix)
+        self._check_foreign(found)
+        done = {s: stats for s, stats in found.items() if _shard_in_place(self.out, stats)}
+        missing = self._missing(done)
+        if missing:
+            message = (f"{len(missing)} of {self._num_units()} "
+                       f"{'input tars' if self.per_input else 'shards'} are not done yet, e.g. "
+                       f"{', '.join(missing[:3])}")
+            if required:
+                raise RuntimeError(f"cannot write {self.manifest_path}: {message}. Rerun the "
+                                   "same command (on every rank) to finish them.")
+            log.info("%s; the last rank to finish writes the manifest", message)
+            return dict(self.manifest, complete=False)
+        return self._finish(done)
+
+    def _finish(self, done: dict[ShardId, dict]) -> dict:
         """Write the final manifest from the shards' stats; NoUsableSamplesError if empty."""
-        shards = [done[i] for i in sorted(done)]
+        shards = [done[s] for s in sorted(done)]
         skipped: Counter = Counter()
         lost: dict[str, Counter] = {}
         for stats in shards:
             skipped.update(stats["skipped"])
-            for reason, counts in stats.get("lost", {}).items():  # none in older stats
+            for reason, counts in stats.get("lost", {}).items():
                 add_lost(lost, reason, counts)
         manifest = dict(
             self.manifest, complete=True,
             num_samples=sum(s["samples"] for s in shards),
-            num_inputs=max((s["inputs"][1] for s in shards), default=0),
+            num_inputs=sum(s["inputs"][1] - s["inputs"][0] for s in shards),
             skipped=dict(sorted(skipped.items())),
             skip_reasons={reason: SKIP_REASONS[reason] for reason in sorted(skipped)},
             lost=sorted_lost(lost),
             shards=[{"name": s["shard"], "samples": s["samples"], "skipped": s["skipped"],
-                     "lost": s.get("lost", {}), "inputs": s["inputs"]} for s in shards],
+                     "lost": s.get("lost", {}), "inputs": s["inputs"],
+                     **({"url": s["url"]} if s.get("url") else {})} for s in shards],
         )
         write_json_atomic(self.manifest_path, manifest)
-        log.info("wrote %d samples this run (%.1f samples/s); %s now holds %d samples in %d "
-                 "shards", written, rate, self.out, manifest["num_samples"], len(shards))
+        log.info("%s now holds %d samples in %d shards", self.out, manifest["num_samples"],
+                 len(shards))
         if skipped:
             log.warning("skipped %d inputs: %s", sum(skipped.values()),
                         ", ".join(f"{reason}={n}" for reason, n in sorted(skipped.items())))

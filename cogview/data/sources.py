@@ -1,7 +1,7 @@
 """Input readers for the pretokenizer, and the tar reader shared with the token DataModule.
 
 Three kinds of raw image-caption pairs, each read in one deterministic order (the pretokenizer's
-resume logic relies on it: output shard i always covers input positions [i*N, (i+1)*N)):
+resume logic relies on it: an output shard always covers the same N input positions):
 
 - `ShapesSource`  shapes-zh rendered on the fly; position i is sample index i.
 - `FolderSource`  a folder of images with a captions file (jsonl `{"path", "caption"}` or tsv
@@ -10,9 +10,12 @@ resume logic relies on it: output shard i always covers input positions [i*N, (i
 - `ShardSource`   img2dataset-style WebDataset shards (`.jpg`/`.jpeg`/`.png`/`.webp` image,
                   `.txt` caption, optional `.json`), local paths or any URL `webdataset.gopen`
                   opens (`pipe:` commands, http(s), ...), plain or gzip/bzip2/xz
-                  compressed, in URL order then member order.
+                  compressed. Each input tar is a part of its own (`part_items(k)`): positions
+                  count its samples from 0, so a rank (or a rerun) can start at any input tar
+                  without reading the ones before it.
 
-A source splits its work in two: `items(start)` runs in the main process and yields cheap
+A source splits its work in two: `items(start, stop)` (`part_items(k)` for shards) runs in the
+main process and yields cheap
 `RawSample`s in input order (an index, a path, or a tar member's bytes); `load(raw)` runs in a
 worker process and decodes one of them, raising `SkipSample(reason, message)` for bad input.
 Input problems found while reading (a truncated or unreadable tar) come out of `items` as
@@ -88,7 +91,7 @@ class RawSample:
     key: str  # the source's own name for it (shapes index, relative path, tar key)
     payload: Any = None  # source-specific: a path, a caption, tar member bytes, ...
     error: tuple[str, str] | None = None  # (reason, message) when already known to be bad
-    cursor: tuple[int, int] | None = None  # ShardSource: (url index, ordinal within that url)
+    part: int | None = None  # ShardSource: the input tar's index (position counts within it)
     lost: dict[str, int] | None = None  # with a broken tar: what it cost (TarProblem.lost)
 
 
@@ -531,8 +534,8 @@ class ShapesSource:
     def num_items(self) -> int:
         return self.length
 
-    def items(self, start: int = 0, resume: tuple[int, int] | None = None) -> Iterator[RawSample]:
-        for index in range(start, self.length):
+    def items(self, start: int = 0, stop: int | None = None) -> Iterator[RawSample]:
+        for index in range(start, self.length if stop is None else min(stop, self.length)):
             yield RawSample(position=index, key=f"{index:09d}", payload=index)
 
     def load(self, raw: RawSample) -> LoadedSample:
@@ -633,8 +636,8 @@ class FolderSource:
     def num_items(self) -> int:
         return len(self.rows)
 
-    def items(self, start: int = 0, resume: tuple[int, int] | None = None) -> Iterator[RawSample]:
-        for position in range(start, len(self.rows)):
+    def items(self, start: int = 0, stop: int | None = None) -> Iterator[RawSample]:
+        for position in range(start, len(self.rows) if stop is None else min(stop, len(self.rows))):
             image, caption, problem = self.rows[position]
             error = ("bad_caption_row", problem) if problem else None
             yield RawSample(position, image or f"row-{position}", (image, caption), error)
@@ -679,22 +682,21 @@ class ShardSource:
     def num_items(self) -> None:
         return None  # only known once read
 
-    def items(self, start: int = 0, resume: tuple[int, int] | None = None) -> Iterator[RawSample]:
-        """Samples from `start` on; `resume=(url index, ordinal)` is where position `start` lies,
-        so earlier shards need not be read again."""
-        first_url, skip = resume if resume is not None else (0, 0)
-        position = start - skip if resume is not None else 0
-        for url_index in range(first_url, len(self.urls)):
-            url = self.urls[url_index]
-            for ordinal, item in enumerate(read_tar(url, None, self.max_member_bytes)):
-                if position >= start:
-                    cursor = (url_index, ordinal)
-                    if isinstance(item, TarProblem):
-                        yield RawSample(position, f"{url}#{ordinal}", None,
-                                        (item.reason, item.message), cursor, item.lost)
-                    else:
-                        yield RawSample(position, item.key, item, item.problem, cursor)
-                position += 1
+    def num_parts(self) -> int:
+        return len(self.urls)
+
+    def part_items(self, part: int, wanted=None) -> Iterator[RawSample]:
+        """The samples of input tar `part`, positions counted from 0 within it; positions for
+        which `wanted(position)` is false are read past (a tar streams) but not yielded."""
+        url = self.urls[part]
+        for position, item in enumerate(read_tar(url, None, self.max_member_bytes)):
+            if wanted is not None and not wanted(position):
+                continue
+            if isinstance(item, TarProblem):
+                yield RawSample(position, f"{url}#{position}", None, (item.reason, item.message),
+                                part, item.lost)
+            else:
+                yield RawSample(position, item.key, item, item.problem, part)
 
     def load(self, raw: RawSample) -> LoadedSample:
         record: TarRecord = raw.payload
