@@ -33,6 +33,24 @@ def machine_info() -> dict:
     return info
 
 
+def proc_status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # reported in kB
+    raise RuntimeError(f"{field} not found in /proc/self/status; peak RSS needs Linux procfs")
+
+
+def reset_peak_rss() -> str:
+    """Resets VmHWM to the current RSS; returns how the peak will be measured."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return "VmHWM after clear_refs=5, minus VmRSS before the first call"
+    except OSError:
+        # Cannot reset: the peak then also covers model loading, so we subtract the old peak.
+        return "VmHWM growth over the first call (clear_refs not writable)"
+
+
 def median_time(fn, repeats: int = 10, warmup: int = 2) -> float:
     """Median wall time of ``fn()`` in seconds."""
     for _ in range(warmup):

@@ -36,6 +36,8 @@ from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
     interleaved_medians,
     machine_info,
+    proc_status_bytes,
+    reset_peak_rss,
     write_json,
 )
 from benchmarks.sampling import (  # noqa: E402
@@ -50,28 +52,6 @@ from benchmarks.sampling import (  # noqa: E402
 from cogview.generation import generate_images  # noqa: E402
 
 MIB = 2**20
-
-
-# ------------------------------------------------------------------------------------------------
-# memory probes
-
-
-def proc_status_bytes(field: str) -> int:
-    """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024  # reported in kB
-    raise RuntimeError(f"{field} not found in /proc/self/status; peak RSS needs Linux procfs")
-
-
-def reset_peak_rss() -> str:
-    """Resets VmHWM to the current RSS; returns how the peak will be measured."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return "VmHWM after clear_refs=5, minus VmRSS before the first call"
-    except OSError:
-        # Cannot reset: the peak then also covers model loading, so we subtract the old peak.
-        return "VmHWM growth over the first call (clear_refs not writable)"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -104,15 +104,53 @@ def train(cfg: DictConfig) -> dict[str, float]:
         remove_stale_temporaries(directory)
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not trust_pickle)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if cfg.get("export_dir") and trainer.is_global_zero:
-        exported = task.export(cfg.export_dir)
-        log.info("exported %s to %s", cfg.task.name, exported)
+    if cfg.get("export_dir"):
+        export_after_fit(trainer, task, cfg.export_dir, cfg.task.name)
     finish_wandb(trainer)
     if trainer.is_global_zero:
         summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
         log.info("run directory: %s", cfg.output_dir)
         log.info("final metrics: %s", summary)
     return metrics
+
+
+def gather_model_state_dict(trainer: L.Trainer, task) -> dict | None:
+    """The full weights of ``task.model`` on rank 0 (None on the other ranks) where the
+    strategy shards them: FSDP's shards are gathered into a full state dict (every rank must
+    call this), DeepSpeed ZeRO-3's partitioned parameters are gathered for the copy. Other
+    strategies hold every weight on rank 0 already: None (export ``task.model`` itself)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    strategy = trainer.strategy
+    if isinstance(strategy, FSDPStrategy):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(strategy.model, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+        if not trainer.is_global_zero:
+            return None
+        return {name.removeprefix("model."): value for name, value in full.items()
+                if name.startswith("model.")}
+    if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(task.model.parameters()), modifier_rank=None):
+            if not trainer.is_global_zero:
+                return None
+            return {name: value.detach().to("cpu", copy=True)
+                    for name, value in task.model.state_dict().items()}
+    return None  # the model on rank 0 holds every weight: export it as it is
+
+
+def export_after_fit(trainer: L.Trainer, task, directory: str, name: str) -> None:
+    """Exports the trained model: every rank takes part in gathering the weights, rank 0
+    writes the export, and the others wait for it (so none exits before the export exists)."""
+    state = gather_model_state_dict(trainer, task)
+    if trainer.is_global_zero:
+        exported = task.export(directory) if state is None else \
+            task.export(directory, state_dict=state)
+        log.info("exported %s to %s", name, exported)
+    trainer.strategy.barrier("export")
 
 
 def finish_wandb(trainer: L.Trainer) -> None:

@@ -113,7 +113,7 @@ def sr_shards(assets, tmp_path_factory):
                              size=128, sr=True, shard_size=16)
 
 
-@pytest.mark.parametrize("task", ["t2i", "caption", "sr"])
+@pytest.mark.parametrize("task", ["t2i", "caption", pytest.param("sr", marks=pytest.mark.slow)])
 def test_shapes_eval_scores_each_task_against_training_time(assets, sr_shards, tmp_path, task):
     from cogview.eval.shapes_bench import sr_benchmark
     from cogview.pipeline import Pipeline

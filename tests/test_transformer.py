@@ -6,7 +6,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from cogview.modules.transformer import CogViewTransformer, TransformerConfig
+from cogview.modules.transformer import Block, CogViewTransformer, TransformerConfig
 from tests.helpers import CONF_DIR
 
 IMPLS = ("pb_relax", "sdpa", "eager")
@@ -267,3 +267,49 @@ def test_backward_reaches_every_parameter():
     loss.backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None]
     assert not missing
+
+
+# ------------------------------------------------------------------------------------------------
+# activation checkpointing
+
+
+@pytest.mark.parametrize("attention", ["pb_relax", "sdpa"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(attention, monkeypatch):
+    """fp32, with dropout (the recomputed forward must draw the same masks) and padding."""
+    config = small_config(attention=attention, dropout=0.1, attention_dropout=0.1)
+    models = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        models.append(CogViewTransformer(TransformerConfig(
+            **{**config.__dict__, "activation_checkpointing": recompute})).train())
+    ids, mask = random_batch(), left_padding_mask(2, 24, [0, 5])
+    losses, grads, calls = [], [], []
+    forward = Block.forward
+    monkeypatch.setattr(Block, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    for model in models:
+        calls.clear()
+        torch.manual_seed(7)
+        logits = model(ids, attention_mask=mask)
+        # no loss on or from padding, as in training
+        targets = ids[:, 1:].masked_fill(~(mask[:, 1:] & mask[:, :-1]), -100)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 300),
+                                                 targets.reshape(-1))
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+        # each layer runs once, and once more in the backward pass when recomputing
+        assert len(calls) == len(model.layers) * (2 if model.config.activation_checkpointing
+                                                  else 1)
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-6, atol=1e-7,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_activation_checkpointing_does_nothing_outside_training(monkeypatch):
+    torch.manual_seed(0)
+    model = CogViewTransformer(small_config(activation_checkpointing=True)).eval()
+    calls, forward = [], Block.forward
+    monkeypatch.setattr(Block, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    model(random_batch()).sum().backward()  # eval mode: no recomputation
+    assert len(calls) == len(model.layers)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from cogview.modules.pb_relax import pb_relax_softmax, pb_relax_softmax_reference
 
@@ -51,6 +52,9 @@ class TransformerConfig:
     attention: str = "pb_relax"  # pb_relax (fused kernel) | sdpa | eager (reference)
     layernorm_eps: float = 1e-5
     init_std: float = 0.02
+    # Training only: keep each layer's input, recompute its activations in the backward pass
+    # (torch.utils.checkpoint, non-reentrant, RNG state preserved so dropout matches).
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_IMPLS:
@@ -345,8 +349,13 @@ class CogViewTransformer(nn.Module):
             attention_mask = attention_mask.to(torch.bool)
         x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
         x = self.embedding_dropout(x)  # (B, T, C)
+        recompute = (self.config.activation_checkpointing and self.training
+                     and torch.is_grad_enabled() and start_pos is None)
         for layer in self.layers:
-            x = layer(x, attention_mask, start_pos)
+            if recompute:
+                x = checkpoint(layer, x, attention_mask, start_pos, use_reentrant=False)
+            else:
+                x = layer(x, attention_mask, start_pos)
         hidden = self.final_layernorm(x)
         if return_hidden:
             return hidden

@@ -257,11 +257,19 @@ class SequenceTask(CogViewTask):
             log_image(key=f"samples/{name}", images=[picture], step=self.global_step)
 
     # ---------------------------------------------------------------- export
-    def export(self, directory: str | Path) -> Path:
+    def export(self, directory: str | Path, state_dict: dict | None = None) -> Path:
         """A self-contained inference directory: weights + config, text tokenizer files,
-        a copy of the image tokenizer and ``cogview.json`` (task, vocabulary, layout)."""
+        a copy of the image tokenizer and ``cogview.json`` (task, vocabulary, layout).
+
+        ``state_dict``: the model's full weights when ``self.model`` holds only a shard of
+        them (FSDP, DeepSpeed ZeRO-3: see cogview.training.gather_model_state_dict)."""
         directory = Path(directory)
-        self.model.save_pretrained(directory)
+        model = self.model
+        if state_dict is not None:
+            with torch.device("meta"):
+                model = CogViewTransformer(self.model.config)
+            model.load_state_dict(state_dict, assign=True)
+        model.save_pretrained(directory)
         self.text_tokenizer.save(directory / "text_tokenizer")
         vqvae_copy = directory / "vqvae"
         if vqvae_copy.exists():
