@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.cogview-installed
 EXT_SOURCES := $(wildcard cogview/csrc/*.cpp cogview/csrc/*.h cogview/csrc/*.cu)
 PYTEST_ARGS ?=
 
-.PHONY: install demo app test test-all test-emulated bench bench-quality check-cuda clean
+.PHONY: install demo app test test-all test-emulated bench bench-quality check-cuda gpu-check clean
 
 install: $(STAMP)
 
@@ -56,6 +56,16 @@ bench-quality: install
 # Compiles the CUDA kernel with nvcc as a syntax/type check (no GPU needed).
 check-cuda: install
 	$(PY) -m cogview.csrc.check_cuda
+
+# Everything that needs CUDA, in one run (about 8 minutes on one H100/H200): the extension
+# built with CUDA, pytest -m cuda, kernel bandwidth, 20 steps under ddp / fsdp / deepspeed
+# ZeRO-2 and -3 with export checks, the 16-mixed overflow demonstration, cogview-4b sampling.
+# GPU_PYTHON: an interpreter with a CUDA build of torch and the project's requirements (the
+# .venv's torch is the CPU wheel), e.g. make gpu-check GPU_PYTHON=python3.
+GPU_PYTHON ?= $(PY)
+gpu-check:
+	$(GPU_PYTHON) setup.py -q build_ext --inplace
+	$(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build *.egg-info cogview/*.so $(VENV)

@@ -2,19 +2,27 @@
 
     python -m cogview.export ckpt=outputs/t2i/<time>/checkpoints/last.ckpt out=exports/t2i
 
+    python -m cogview.export ckpt=<run>/checkpoints/last.ckpt/ out=... trust_pickle=true
+
 The checkpoint is read weights-only (tensors, numbers, strings, containers): a file needing any
 other pickled object is refused before anything in it runs; ``trust_pickle=true`` lifts that for
 files from a source you trust. Weights holding NaN or inf are refused, naming the tensor.
+
+A sharded checkpoint directory is consolidated first: FSDP's (``state_dict_type: sharded``,
+torch.distributed.checkpoint's ``.metadata`` + ``*.distcp`` + Lightning's ``meta.pt``) and
+DeepSpeed's (``latest`` + ``checkpoint/*_states.pt``, needs deepspeed installed). Both formats
+keep their metadata as Python pickles, so they need ``trust_pickle=true``.
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 from hydra.utils import get_class
 
-from cogview.safe_load import check_finite, load_torch_file
+from cogview.safe_load import CheckpointError, check_finite, load_torch_file
 
 TASK_KEY = "cogview_task"  # the LightningModule class path, written into every checkpoint
 
@@ -24,11 +32,64 @@ def task_class_path(module) -> str:
     return f"{type(module).__module__}.{type(module).__qualname__}"
 
 
+def sharded_checkpoint_kind(directory: Path) -> str | None:
+    """"fsdp" or "deepspeed" for a sharded checkpoint directory, else None."""
+    if (directory / ".metadata").is_file():
+        return "fsdp"
+    if (directory / "latest").is_file() or any(directory.glob("*/*model_states.pt")):
+        return "deepspeed"
+    return None
+
+
+def consolidate_checkpoint(directory: Path, out: Path, trust_pickle: bool = False) -> Path:
+    """A sharded checkpoint directory (FSDP or DeepSpeed) -> one Lightning checkpoint file."""
+    import torch
+
+    kind = sharded_checkpoint_kind(directory)
+    if kind is None:
+        raise ValueError(f"ckpt={directory} is a directory but not a sharded checkpoint (FSDP: "
+                         "a .metadata file; DeepSpeed: a 'latest' file and checkpoint/*_states.pt)")
+    if not trust_pickle:
+        raise CheckpointError(
+            f"ckpt={directory} is a {'FSDP' if kind == 'fsdp' else 'DeepSpeed'} sharded "
+            "checkpoint, whose metadata is a Python pickle that cannot be read weights-only: "
+            "pass trust_pickle=true if your own run wrote it")
+    if kind == "deepspeed":
+        try:
+            from lightning.pytorch.utilities.deepspeed import (
+                convert_zero_checkpoint_to_fp32_state_dict,
+            )
+
+            convert_zero_checkpoint_to_fp32_state_dict(str(directory), str(out))
+        except ImportError as error:
+            raise CheckpointError(f"ckpt={directory} is a DeepSpeed checkpoint: consolidating it "
+                                  f"needs deepspeed (pip install deepspeed): {error}") from None
+        return out
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(directory, out)  # {"model": ..., "optimizer_0": ...}
+    checkpoint = torch.load(out, map_location="cpu", weights_only=False)
+    meta = directory / "meta.pt"  # everything else Lightning saved (hparams, task class, ...)
+    if meta.is_file():
+        checkpoint.update(torch.load(meta, map_location="cpu", weights_only=False))
+    checkpoint["state_dict"] = checkpoint.pop("model")
+    for key in [k for k in checkpoint if k.startswith("optimizer_")]:
+        del checkpoint[key]  # optimiser shards are not needed for an export
+    torch.save(checkpoint, out)
+    return out
+
+
 def export_checkpoint(ckpt: str | Path, out: str | Path, trust_pickle: bool = False) -> Path:
-    """Loads the task saved in ``ckpt`` and writes its export directory to ``out``."""
+    """Loads the task saved in ``ckpt`` (a file, or a sharded checkpoint directory) and writes
+    its export directory to ``out``."""
     ckpt = Path(ckpt)
+    if ckpt.is_dir():
+        with tempfile.TemporaryDirectory(prefix="cogview-consolidate-") as scratch:
+            single = consolidate_checkpoint(ckpt, Path(scratch) / "consolidated.ckpt",
+                                            trust_pickle)
+            return export_checkpoint(single, out, trust_pickle)
     if not ckpt.is_file():
-        raise FileNotFoundError(f"ckpt={ckpt}: no such checkpoint file")
+        raise FileNotFoundError(f"ckpt={ckpt}: no such checkpoint file or directory")
     checkpoint = load_torch_file(ckpt, trust_pickle=trust_pickle)
     target = checkpoint.get(TASK_KEY) if isinstance(checkpoint, dict) else None
     if not isinstance(target, str):

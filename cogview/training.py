@@ -14,7 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 from cogview.callbacks.checkpoint import remove_stale_temporaries
 from cogview.modules.transformer import TransformerConfig
 from cogview.precision import resolve_precision
-from cogview.safe_load import check_finite, load_torch_file
+from cogview.export import sharded_checkpoint_kind
+from cogview.safe_load import CheckpointError, check_finite, load_torch_file
 
 log = logging.getLogger("cogview.train")
 
@@ -79,6 +80,15 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str,
     if not ckpt_path:
         return None
     path = Path(output_dir) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if path.is_dir():  # FSDP (state_dict_type=sharded) and DeepSpeed write directories
+        kind = sharded_checkpoint_kind(path)
+        if kind is None:
+            raise ValueError(f"ckpt_path={path} is a directory but not a sharded checkpoint")
+        if not trust_pickle:
+            raise CheckpointError(f"ckpt_path={path} is a {kind} sharded checkpoint, whose "
+                                  "metadata is a Python pickle: resume with trust_pickle=true "
+                                  "if your own run wrote it")
+        return str(path)
     if not path.is_file():
         hint = (" (ckpt_path=last looks in this run's directory: rerun with "
                 "hydra.run.dir=<the old run's directory>)") if ckpt_path == "last" else ""

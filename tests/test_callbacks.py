@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader, TensorDataset
@@ -163,6 +164,29 @@ def test_inf_loss_step_is_skipped_counted_and_logged_to_wandb_offline(tmp_path, 
     assert skipped[:3] == [0.0, 0.0, 0.0] and skipped[-1] == 1.0 and len(skipped) == 8
     grad_norms = [float(row["train/grad_norm"]) for row in history if "train/grad_norm" in row]
     assert len(grad_norms) == 4  # every 2nd of 8 steps
+
+
+def test_under_deepspeed_the_steps_deepspeed_skipped_are_counted(tmp_path, monkeypatch, caplog):
+    """DeepSpeed keeps gradients in its own buffers: the monitor counts the steps its loss
+    scaler skipped (engine.skipped_steps), and logs a non-finite loss it applied anyway.
+    The engine here is a stand-in with DeepSpeed's attribute; step 2 is one its scaler skips,
+    step 5's inf loss one it applies (bf16 has no loss scaler)."""
+    from types import SimpleNamespace
+
+    engine = SimpleNamespace(skipped_steps=0)
+    monitor = NaNMonitor(max_consecutive_skips=3)
+
+    class DeepSpeedScaler(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == 2:
+                engine.skipped_steps += 1
+
+    trainer = make_trainer(tmp_path, [monitor, DeepSpeedScaler()], max_steps=8)
+    monkeypatch.setattr(trainer.strategy, "deepspeed_engine", engine, raising=False)
+    with caplog.at_level(logging.WARNING, logger="cogview.monitor"):
+        trainer.fit(Regression(bad_steps={5}), regression_data())
+    assert monitor.skipped_steps == 1 and trainer.global_step == 8
+    assert caplog.text.count("non-finite loss, and DeepSpeed applied the step") == 1
 
 
 def test_a_non_finite_verdict_from_another_rank_skips_the_step_here(tmp_path, monkeypatch):

@@ -223,6 +223,7 @@ def peak_rss_kib(vqvae_dir, mode):
     return vocab_size, length, peak
 
 
+@pytest.mark.slow
 def test_span_step_peak_memory_drops_by_the_logits(tmp_path):
     """Demo-size t2i (6 x 256, vocabulary of the demo's char tokenizer and a 1024-code VQ-VAE),
     batch 32: peak RSS of a loss + backward step with span is lower than with full by at least

@@ -101,7 +101,7 @@ def test_two_ranks_over_six_tars_write_every_sample_once_as_one_process_does(vqv
 def test_a_killed_rank_is_redone_by_rerunning_the_same_command(vqvae_dir, tmp_path):
     """Rank 1 of 2 is SIGKILLed mid-run; rank 0 finishes its tars and leaves the manifest
     incomplete; the same command again finishes rank 1's tars only: every sample once."""
-    pattern = make_tars(tmp_path / "in", num_tars=6, per_tar=100)
+    pattern = make_tars(tmp_path / "in", num_tars=6, per_tar=50)
     out = tmp_path / "out"
     args = command(vqvae_dir, out, pattern, "shard_size=5")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WORLD_SIZE": "2"}
@@ -124,7 +124,7 @@ def test_a_killed_rank_is_redone_by_rerunning_the_same_command(vqvae_dir, tmp_pa
     manifest = json.loads((out / "manifest.json").read_text())
     assert not manifest["complete"], "a manifest was written while rank 1's tars were missing"
     rank1 = sorted(p.name for p in out.glob("*.tar") if int(p.name.split("-")[1]) % 2)
-    assert 1 <= len(rank1) < 60, "rank 1 was not interrupted mid-way"
+    assert 1 <= len(rank1) < 30, "rank 1 was not interrupted mid-way"
     for shard in out.glob("*.tar"):  # every final-named shard is complete
         assert [type(r) for r in sources.read_tar(str(shard))] == [sources.TarRecord] * 5
     kept = {p.name: p.stat().st_ino for p in out.glob("*.tar")}
@@ -134,10 +134,10 @@ def test_a_killed_rank_is_redone_by_rerunning_the_same_command(vqvae_dir, tmp_pa
     assert not list(out.glob("*.tmp"))
     assert {p.name: p.stat().st_ino for p in out.glob("*.tar") if p.name in kept} == kept
     samples = contents(out)
-    assert sorted(samples) == sorted(f"t{t}-{i:03d}" for t in range(6) for i in range(100))
+    assert sorted(samples) == sorted(f"t{t}-{i:03d}" for t in range(6) for i in range(50))
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["complete"] and manifest["num_samples"] == 600
-    assert len(manifest["shards"]) == 120
+    assert manifest["complete"] and manifest["num_samples"] == 300
+    assert len(manifest["shards"]) == 60
 
 
 def test_a_rank_with_another_tokenizer_is_refused_and_merge_names_foreign_shards(vqvae_dir,

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from cogview.export import export_checkpoint
+from cogview.training import resolve_ckpt_path
 from cogview.modules.transformer import CogViewTransformer
 from tests.helpers import ROOT, TINY_MODEL, make_run_assets, make_token_shards
 
@@ -50,6 +51,7 @@ def test_multirun_runs_each_job_in_its_own_directory(assets, tmp_path):
     assert [c.sandwich_ln for c in configs] == [True, False]
 
 
+@pytest.mark.slow  # the data stream's resume is checked in the default suite (test_reliability)
 def test_sigkill_then_resume_from_last(assets, tmp_path):
     run = tmp_path / "run"
     command = base_command(assets, f"hydra.run.dir={run}", "trainer.max_steps=30",
@@ -93,6 +95,29 @@ def test_export_any_checkpoint(assets, tmp_path):
                          cwd=ROOT, capture_output=True, text=True)
     assert cli.returncode != 0 and "missing.ckpt: no such checkpoint" in cli.stderr
 
+    # The same checkpoint as FSDP's sharded format writes it (Lightning's FSDPStrategy with
+    # state_dict_type=sharded): weights and optimiser state through torch.distributed.checkpoint,
+    # everything else in meta.pt. It exports to the same weights, with trust_pickle only.
+    sharded = tmp_path / "sharded.ckpt"
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"model": checkpoint.pop("state_dict")}, checkpoint_id=sharded, no_dist=True)
+    checkpoint.pop("optimizer_states")
+    torch.save(checkpoint, sharded / "meta.pt")
+    with pytest.raises(ValueError, match="FSDP sharded checkpoint.*trust_pickle=true"):
+        export_checkpoint(sharded, tmp_path / "from-sharded")
+    out = export_checkpoint(sharded, tmp_path / "from-sharded", trust_pickle=True)
+    from_sharded = CogViewTransformer.from_pretrained(out)
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(from_sharded.state_dict()[name], value)
+    with pytest.raises(ValueError, match="not a sharded checkpoint"):
+        export_checkpoint(tmp_path, tmp_path / "nothing", trust_pickle=True)
+    # resuming from it needs trust_pickle too (Lightning then reads it with its strategy)
+    with pytest.raises(ValueError, match="sharded checkpoint.*trust_pickle=true"):
+        resolve_ckpt_path(str(sharded), str(run))
+    assert resolve_ckpt_path(str(sharded), str(run), trust_pickle=True) == str(sharded)
+
 
 @pytest.mark.distributed
 def test_ddp_cpu_two_processes_over_gloo(assets, tmp_path):
@@ -113,7 +138,8 @@ def sr_shards(assets, tmp_path_factory):
                              size=128, sr=True, shard_size=16)
 
 
-@pytest.mark.parametrize("task", ["t2i", "caption", pytest.param("sr", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("task", ["t2i", pytest.param("caption", marks=pytest.mark.slow),
+                                  pytest.param("sr", marks=pytest.mark.slow)])
 def test_shapes_eval_scores_each_task_against_training_time(assets, sr_shards, tmp_path, task):
     from cogview.eval.shapes_bench import sr_benchmark
     from cogview.pipeline import Pipeline

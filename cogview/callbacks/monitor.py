@@ -63,6 +63,7 @@ class NaNMonitor(Callback):
         self.consecutive_skips = 0
         self.last_finite: dict[str, float] = {}  # step, loss, grad_norm of the last good step
         self.stop_message: str | None = None
+        self._deepspeed_skipped: int | None = None  # DeepSpeed engine's skipped_steps seen last
         # Per-step scratch, reset after each optimiser step.
         self._loss_finite: torch.Tensor | None = None  # () bool, AND over micro-batches
         self._window_loss: torch.Tensor | None = None  # () summed (normalised) micro-batch losses
@@ -76,8 +77,9 @@ class NaNMonitor(Callback):
 
         if isinstance(trainer.strategy, DeepSpeedStrategy):
             rank_zero_warn("NaNMonitor under DeepSpeed: gradients live in DeepSpeed's buffers, so "
-                           "non-finite steps are detected from the loss only and cannot be skipped "
-                           "here (DeepSpeed's fp16 loss scaler skips overflowing steps itself)")
+                           "this monitor cannot drop a step; train/skipped_steps counts the steps "
+                           "DeepSpeed's own fp16 loss scaler skipped (bf16 has no such skip: a "
+                           "non-finite loss there is logged as applied)")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._loss_finite = self._window_loss = self._grad_norm = self._step_skipped = None
@@ -124,6 +126,9 @@ class NaNMonitor(Callback):
         if self._step_skipped is None:  # accumulating: no optimiser step in this batch
             return
         step = trainer.global_step
+        engine = getattr(trainer.strategy, "deepspeed_engine", None)  # DeepSpeedStrategy only
+        if engine is not None:
+            self._step_skipped = self._deepspeed_verdict(engine, step, trainer.is_global_zero)
         if self._step_skipped:
             self.skipped_steps += 1
             self.consecutive_skips += 1
@@ -159,6 +164,17 @@ class NaNMonitor(Callback):
         self.last_finite = dict(state_dict.get("last_finite", {}))
 
     # ---------------------------------------------------------------- helpers
+    def _deepspeed_verdict(self, engine, step: int, is_global_zero: bool) -> bool:
+        """Under DeepSpeed a step counts as skipped when DeepSpeed skipped it (its loss scaler's
+        ``skipped_steps`` grew); a non-finite loss it applied anyway (bf16) is logged."""
+        skipped_now = int(getattr(engine, "skipped_steps", 0) or 0)
+        skipped = self._deepspeed_skipped is not None and skipped_now > self._deepspeed_skipped
+        self._deepspeed_skipped = skipped_now
+        if self._step_skipped and not skipped and is_global_zero:
+            log.warning("step %d: non-finite loss, and DeepSpeed applied the step (it skips "
+                        "only fp16 overflows: use precision=16-mixed, or trainer=fsdp)", step)
+        return skipped
+
     def _every(self, trainer: L.Trainer) -> int:
         return self.log_every_n_steps or max(1, trainer.log_every_n_steps)
 
