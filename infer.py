@@ -1,15 +1,9 @@
-"""Run a trained cogview model: python infer.py task=vqvae ckpt=<dir> images=[...]."""
+"""Run a trained cogview model: python infer.py task=t2i ckpt=<export> ... (= cogview infer).
 
-import hydra
-from omegaconf import DictConfig
+The configs live in cogview/conf/inference/; see cogview.inference.
+"""
 
-from cogview.inference import infer
-
-
-@hydra.main(config_path="conf/inference", config_name="infer", version_base=None)
-def main(cfg: DictConfig) -> None:
-    infer(cfg)
-
+from cogview.inference import main
 
 if __name__ == "__main__":
     main()

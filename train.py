@@ -1,18 +1,9 @@
-"""Train a cogview task: python train.py task=vqvae [trainer.max_steps=...] [-m sweeps]."""
+"""Train a cogview task: python train.py task=t2i [key=value ...] [-m sweeps] (= cogview train).
 
-import hydra
-from omegaconf import DictConfig
+The configs live in cogview/conf/ (train.yaml and its groups); see cogview.training.
+"""
 
-from cogview.training import register_resolvers, train
-
-register_resolvers()
-
-
-@hydra.main(config_path="conf", config_name="train", version_base=None)
-def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
-    return metrics.get("val/loss")
-
+from cogview.training import main
 
 if __name__ == "__main__":
     main()

@@ -92,7 +92,7 @@ def run_point(args, mode: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="small", help="conf/model preset (random weights)")
+    parser.add_argument("--preset", default="small", help="cogview/conf/model preset (random weights)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--length", type=int, default=1088, help="tokens per sequence")
     parser.add_argument("--repeats", type=int, default=2, help="timed steps per mode")

@@ -45,6 +45,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from cogview.config import CONF_DIR  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 STRATEGIES = ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
@@ -129,7 +130,7 @@ def make_assets(root: Path) -> dict:
 
     torch.manual_seed(0)
     VQVAE(VQVAEConfig.preset("tiny", num_codes=256)).save_pretrained(root / "vqvae")
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         pretokenize(compose(config_name="pretokenize", overrides=[
             f"vqvae_dir={root / 'vqvae'}", f"out={root / 'shards'}", "progress=false",
             "source.shapes.length=256", "shard_size=64", "size=64", "num_workers=0"]))
@@ -185,7 +186,7 @@ def train_and_compare(name: str, device: str, preset: str, root: Path, steps: in
     register_resolvers()
 
     def compose_run(max_steps: int):
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             return compose(config_name="train", overrides=[
                 *overrides, f"trainer.max_steps={max_steps}"])
 

@@ -41,13 +41,14 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import interleaved_medians, machine_info, write_json  # noqa: E402
+from cogview.config import CONF_DIR  # noqa: E402
 from cogview.generation import generate_images, generate_span  # noqa: E402
 from cogview.modules.transformer import CogViewTransformer, TransformerConfig  # noqa: E402
 from cogview.precision import auto_precision  # noqa: E402
 from cogview.tokenization import CogViewVocab, collate_layouts, t2i_prompt  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-PRESETS = ROOT / "conf" / "model"
+PRESETS = CONF_DIR / "model"
 TOP_K = 200  # CogView's default, as in conf and generate_images
 # CogView's vocabulary: 8192 image codes, 50,000 text pieces, 27 commands, padded to 58,240.
 VOCAB = CogViewVocab(num_image_codes=8192, text_vocab_size=50000)
@@ -61,7 +62,7 @@ GPT2_ARCHITECTURE = {"sandwich_ln": False, "pb_relax": False, "attention": "sdpa
 
 
 def preset_config(preset: str, **overrides) -> TransformerConfig:
-    """conf/model/<preset>.yaml as a TransformerConfig over VOCAB, with ``overrides`` applied."""
+    """cogview/conf/model/<preset>.yaml as a TransformerConfig over VOCAB, with ``overrides`` applied."""
     path = PRESETS / f"{preset}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in PRESETS.glob("*.yaml"))

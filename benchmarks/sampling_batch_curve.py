@@ -169,7 +169,7 @@ def plot_curve(result: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="small", help="conf/model preset (random weights)")
+    parser.add_argument("--preset", default="small", help="cogview/conf/model preset (random weights)")
     parser.add_argument("--image-tokens", type=int, default=64)
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32,64")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per batch size")

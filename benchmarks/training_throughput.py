@@ -38,6 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import machine_info, median_time, write_json  # noqa: E402
+from cogview.config import CONF_DIR  # noqa: E402
 from cogview.modules.losses import span_groups  # noqa: E402
 from cogview.modules.transformer import CogViewTransformer  # noqa: E402
 from cogview.modules.vqvae import VQVAE, VQVAEConfig  # noqa: E402
@@ -48,14 +49,14 @@ from cogview.tokenization.layouts import collate_layouts, t2i_layout  # noqa: E4
 from cogview.tokenization.vocab import CogViewVocab  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-PRESETS = ROOT / "conf" / "model"
+PRESETS = CONF_DIR / "model"
 COGVIEW_TEXT_IDS = 50_000
 
 
 def load_preset(name: str):
-    """A model preset (conf/model/<name>.yaml); ``demo``: tiny with make demo's t2i overrides."""
+    """A model preset (cogview/conf/model/<name>.yaml); ``demo``: tiny with make demo's t2i overrides."""
     if name == "demo":
-        demo = OmegaConf.load(ROOT / "conf" / "budget" / "full.yaml")
+        demo = OmegaConf.load(CONF_DIR / "budget" / "full.yaml")
         return OmegaConf.merge(OmegaConf.load(PRESETS / "tiny.yaml"), demo.t2i.model,
                                {"name": "demo"})
     return OmegaConf.load(PRESETS / f"{name}.yaml")

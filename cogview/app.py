@@ -1,7 +1,7 @@
 """The web demo: a Gradio app over cogview.Pipeline.
 
     python -m cogview.app ckpt=artifacts/demo              # or: make app
-    python -m cogview.app ckpt=runs/t2i/export port=8080   # one export; every key: conf/app.yaml
+    python -m cogview.app ckpt=runs/t2i/export port=8080   # one export; every key: cogview/conf/app.yaml
 
 Tabs: text-to-image (a gallery with caption scores, a progress bar that follows the generated
 tokens, a zip of the PNGs and the results.jsonl rows infer.py writes), captioning,
@@ -40,13 +40,13 @@ import gradio as gr  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
+from cogview.config import CONF_DIR  # noqa: E402
 from cogview.data.images import (DEFAULT_MAX_PIXELS, ImageDecodeError, load_image,  # noqa: E402
                                  resize_center_crop)
 from cogview.inference import write_rows  # noqa: E402
 from cogview.pipeline import Pipeline, find_exports, grid_side  # noqa: E402
 
 log = logging.getLogger("cogview.app")
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 TASKS = ("t2i", "caption", "sr")
 MAX_SEED = 2**31 - 1
 HOW_TO_GET = {
@@ -633,7 +633,7 @@ def launch(cfg: DictConfig, models: DemoModels | None = None,
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
-    """conf/app.yaml with command-line overrides (key=value)."""
+    """cogview/conf/app.yaml with command-line overrides (key=value)."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
@@ -654,4 +654,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from cogview.cli import run_command  # the same --help and exit codes as `cogview app`
+
+    sys.exit(run_command("app", sys.argv[1:]))

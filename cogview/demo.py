@@ -11,7 +11,7 @@ Stages (each reused when its output already exists, so a second run is quick):
    best-of-N reranking by caption score, FID/IS/CapS, caption exact match, SR PSNR/SSIM;
    loss and accuracy plots; outputs/demo/report.md with the pictures.
 
-Budgets come from conf/demo.yaml (``budget=smoke`` for a minute-scale run).
+Budgets come from cogview/conf/demo.yaml (``budget=smoke`` for a minute-scale run).
 """
 
 from __future__ import annotations
@@ -23,23 +23,15 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from cogview.cpu import cpu_summary
 from cogview.precision import auto_precision
-from cogview.training import register_resolvers, train
+from cogview.config import compose_config
+from cogview.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = ROOT / "conf"
 log = logging.getLogger("cogview.demo")
-
-
-def compose_config(name: str, overrides: list[str]) -> DictConfig:
-    """Composes conf/<name>.yaml with overrides, outside any Hydra app."""
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return compose(config_name=name, overrides=overrides)
 
 
 def stage(name: str, done: Path, run) -> float | None:
@@ -266,4 +258,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from cogview.cli import run_command  # the same --help and exit codes as `cogview demo`
+
+    sys.exit(run_command("demo", sys.argv[1:]))

@@ -24,6 +24,7 @@ from hydra.utils import get_class
 
 from cogview.safe_load import CheckpointError, check_finite, load_torch_file
 
+CLI_KEYS = {"ckpt": None, "out": None, "trust_pickle": False}  # cogview export key=value
 TASK_KEY = "cogview_task"  # the LightningModule class path, written into every checkpoint
 
 
@@ -110,7 +111,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, trust_pickle: bool = Fa
 def main(argv: list[str] | None = None) -> int:
     args = dict(arg.split("=", 1) for arg in (argv if argv is not None else sys.argv[1:])
                 if "=" in arg)
-    unknown = sorted(set(args) - {"ckpt", "out", "trust_pickle"})
+    unknown = sorted(set(args) - set(CLI_KEYS))
     if unknown or not {"ckpt", "out"} <= set(args):
         print("usage: python -m cogview.export ckpt=<checkpoint.ckpt> out=<directory> "
               "[trust_pickle=false]" + (f"\nunknown keys: {unknown}" if unknown else ""),
@@ -130,4 +131,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from cogview.cli import run_command  # the same --help and exit codes as `cogview export`
+
+    sys.exit(run_command("export", sys.argv[1:]))

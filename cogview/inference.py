@@ -10,11 +10,13 @@ import logging
 import os
 from pathlib import Path
 
+import hydra
 import torch
 from omegaconf import DictConfig
 from PIL import Image
 from tqdm import tqdm
 
+from cogview.config import INFERENCE_CONF_DIR
 from cogview.data.images import (DEFAULT_MAX_PIXELS, ImageDecodeError, load_image,
                                  resize_center_crop)
 from cogview.visualize import comparison_grid, psnr, tensor_to_pil
@@ -621,3 +623,9 @@ def infer(cfg: DictConfig) -> Path:
         return runners[name](cfg, shards)
     finally:
         shards.close()
+
+
+@hydra.main(config_path=str(INFERENCE_CONF_DIR), config_name="infer", version_base=None)
+def main(cfg: DictConfig) -> None:
+    """``cogview infer`` / ``python infer.py``: Hydra app over cogview/conf/inference/infer.yaml."""
+    infer(cfg)

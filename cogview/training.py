@@ -6,24 +6,20 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import hydra
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cogview.callbacks.checkpoint import remove_stale_temporaries
+from cogview.config import CONF_DIR, register_resolvers
 from cogview.modules.transformer import TransformerConfig
 from cogview.precision import resolve_precision
 from cogview.export import sharded_checkpoint_kind
 from cogview.safe_load import CheckpointError, check_finite, load_torch_file
 
 log = logging.getLogger("cogview.train")
-
-
-def register_resolvers() -> None:
-    """Custom OmegaConf resolvers used in conf/ (``${eq:a,b}``)."""
-    if not OmegaConf.has_resolver("eq"):
-        OmegaConf.register_new_resolver("eq", lambda a, b: str(a) == str(b))
 
 
 @dataclass
@@ -180,3 +176,13 @@ def fsdp_strategy(**kwargs):
     from cogview.modules.transformer import Block
 
     return FSDPStrategy(auto_wrap_policy={Block}, **kwargs)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base=None)
+def main(cfg: DictConfig) -> float | None:
+    """``cogview train`` / ``python train.py``: Hydra app over cogview/conf/train.yaml; returns
+    the final validation loss (what a sweeper minimises)."""
+    return train(cfg).get("val/loss")
+
+
+register_resolvers()  # before Hydra composes: the configs use ${eq:...}

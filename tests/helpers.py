@@ -1,10 +1,11 @@
 """Shared test utilities."""
 
 from pathlib import Path
+from cogview import config as cogview_config
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = ROOT / "conf"
+CONF_DIR = cogview_config.CONF_DIR
 # Hydra overrides for a 2-layer, 64-wide transformer: seconds per test run.
 TINY_MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=2"]
 

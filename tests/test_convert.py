@@ -24,7 +24,7 @@ from cogview.convert import (
 from cogview.convert.__main__ import main as convert_main
 from cogview.modules.transformer import CogViewTransformer
 from cogview.modules.vqvae import COGVIEW_MEAN, COGVIEW_STD, VQVAE
-from tests.helpers import ROOT
+from tests.helpers import CONF_DIR, ROOT
 
 LAYERS, HIDDEN, HEADS, POSITIONS = 2, 64, 4, 64
 NUM_CODES, TEXT_PIECES = 8192, 120  # -> 8192 + 120 + 27 ids, padded to 8448 as CogView pads
@@ -246,7 +246,7 @@ def test_converted_model_samples_through_pipeline_and_infer(assets, tmp_path):
     assert [image.size for image in first] == [(32, 32), (32, 32)]  # 4x4 codes, 8x upsampling
     assert [image.tobytes() for image in first] == [image.tobytes() for image in again]
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf" / "inference"), version_base=None):
+    with initialize_config_dir(config_dir=str(CONF_DIR / "inference"), version_base=None):
         cfg = compose(config_name="infer", overrides=[
             "task=t2i", f"ckpt={assets / 'export'}", "prompts=['中间有一个小的蓝色菱形']",
             "num_samples=2", "seed=3", f"output_dir={tmp_path / 'infer'}"])

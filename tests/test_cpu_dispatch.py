@@ -23,6 +23,7 @@ from cogview import cpu, precision
 from cogview.modules.pb_relax import has_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "cogview" / "conf"
 LEVELS = cpu.ISA_LEVELS
 CPU_LEVEL = cpu.cpu_isa_level()
 needs_x86_kernel = pytest.mark.skipif(not has_kernel("cpu") or CPU_LEVEL is None,
@@ -267,16 +268,16 @@ def compose_config(directory: Path, name: str, overrides: list[str]):
 def test_configs_default_to_auto_and_the_trainer_gets_the_choice(monkeypatch, tmp_path, fresh_log):
     from cogview.training import build_trainer
 
-    train = compose_config(ROOT / "conf", "train", [
+    train = compose_config(CONF_DIR, "train", [
         "logger=none", f"output_dir={tmp_path}", "trainer.enable_progress_bar=false"])
     assert train.trainer.precision == "auto"
-    assert compose_config(ROOT / "conf", "app", []).precision == "auto"
-    assert compose_config(ROOT / "conf" / "inference", "infer",
+    assert compose_config(CONF_DIR, "app", []).precision == "auto"
+    assert compose_config(CONF_DIR / "inference", "infer",
                           ["task=t2i", "ckpt=x"]).precision == "auto"
     for native, expected in ((False, "32-true"), (True, "bf16-mixed")):
         monkeypatch.setattr(cpu, "native_bf16", lambda flags=None, n=native: n)
         assert build_trainer(train).precision == expected
-    explicit = compose_config(ROOT / "conf", "train", [
+    explicit = compose_config(CONF_DIR, "train", [
         "logger=none", f"output_dir={tmp_path}", "precision=32-true"])
     assert build_trainer(explicit).precision == "32-true"  # explicit wins over native bf16
 

@@ -13,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image, ImageFile
 
-from tests.helpers import ROOT, make_exports, make_sr_export
+from tests.helpers import CONF_DIR, ROOT, make_exports, make_sr_export
 from tests.test_infer import infer_in_process as infer
 from tests.test_infer import read_rows
 
@@ -125,7 +125,7 @@ def test_max_pixels_is_configurable(exports, tmp_path):
     good, refused = read_rows(out / "results.jsonl")
     assert "caption" in good and "error" not in good
     assert "b_80.png" in refused["error"] and "above the limit of 5,000" in refused["error"]
-    with initialize_config_dir(config_dir=str(ROOT / "conf" / "inference"), version_base=None):
+    with initialize_config_dir(config_dir=str(CONF_DIR / "inference"), version_base=None):
         from cogview.data.images import DEFAULT_MAX_PIXELS
 
         assert compose(config_name="infer").max_pixels == DEFAULT_MAX_PIXELS

@@ -9,7 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from tests.helpers import ROOT, make_exports
+from tests.helpers import CONF_DIR, ROOT, make_exports
 
 
 
@@ -27,7 +27,7 @@ def run_infer(*overrides):
 def infer_in_process(*overrides):
     from cogview.inference import infer
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf" / "inference"), version_base=None):
+    with initialize_config_dir(config_dir=str(CONF_DIR / "inference"), version_base=None):
         cfg = compose(config_name="infer", overrides=list(overrides))
     return infer(cfg)
 

@@ -194,7 +194,7 @@ sys.path.insert(0, {root!r})
 from cogview.tasks.t2i import T2ITask
 from cogview.tokenization.layouts import collate_layouts, t2i_layout
 from omegaconf import OmegaConf
-demo = OmegaConf.load({root!r} + "/conf/budget/full.yaml").t2i.model
+demo = OmegaConf.load({root!r} + "/cogview/conf/budget/full.yaml").t2i.model
 torch.manual_seed(0)
 task = T2ITask(model=dict(OmegaConf.to_container(demo), max_positions=128), vqvae_dir={vq!r},
                loss_vocab={mode!r})

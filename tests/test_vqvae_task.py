@@ -55,7 +55,7 @@ def test_unknown_override_is_a_clear_error(tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         with pytest.raises(ConfigCompositionException) as error:
             compose(config_name="train", overrides=["trainer.max_step=3"])
     message = f"{error.value} {error.value.__cause__}"

@@ -6,7 +6,7 @@
 
 The transformer becomes an export directory (``Pipeline.from_pretrained(out)``, ``infer.py
 ckpt=out``); the VQ-VAE a directory ``VQVAE.from_pretrained`` loads. Loading is memory-mapped
-and weights-only (``trust_pickle=true`` to lift the latter); see conf/convert.yaml.
+and weights-only (``trust_pickle=true`` to lift the latter); see cogview/conf/convert.yaml.
 """
 
 from cogview.convert.checkpoint import (

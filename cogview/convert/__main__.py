@@ -1,6 +1,6 @@
 """python -m cogview.convert kind=transformer|vqvae src=... out=... [key=value ...]
 
-Defaults and every key: conf/convert.yaml.
+Defaults and every key: cogview/conf/convert.yaml.
 """
 
 from __future__ import annotations
@@ -10,16 +10,17 @@ import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+from cogview.config import CONF_DIR
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue
 
-CONFIG = Path(__file__).resolve().parents[2] / "conf" / "convert.yaml"
+CONFIG = CONF_DIR / "convert.yaml"
 KINDS = ("transformer", "vqvae")
 TRANSFORMER_ONLY = ("vqvae", "tokenizer", "heads", "task", "image_tokens", "max_text_len",
                     "caption_end_token", "preset")
 
 
 def parse_args(argv: list[str]) -> DictConfig:
-    """conf/convert.yaml merged with ``key=value`` arguments; unknown keys are an error."""
+    """cogview/conf/convert.yaml merged with ``key=value`` arguments; unknown keys are an error."""
     defaults = OmegaConf.load(CONFIG)
     OmegaConf.set_struct(defaults, True)
     malformed = [arg for arg in argv if "=" not in arg]
@@ -69,4 +70,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from cogview.cli import run_command  # the same --help and exit codes as `cogview convert`
+
+    sys.exit(run_command("convert", sys.argv[1:]))

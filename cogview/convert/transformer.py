@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from cogview.config import CONF_DIR
 from cogview.convert.checkpoint import (
     CheckpointError,
     extract_state_dict,
@@ -46,7 +47,6 @@ from cogview.tokenization.vocab import CogViewVocab
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 EXPORT_CONFIG = "cogview.json"  # what Pipeline.from_pretrained reads
 LAYER_KEY = re.compile(r"transformer\.layers\.(\d+)\.(.+)")
 LAYER_PARTS = tuple(f"{module}.{param}" for module in (
@@ -59,7 +59,7 @@ LAYOUT_COMMANDS = {"t2i": 4, "caption": 4, "sr": 9}
 
 
 def load_preset(name: str) -> dict:
-    """conf/model/<name>.yaml as a dict (the settings shapes cannot tell)."""
+    """cogview/conf/model/<name>.yaml as a dict (the settings shapes cannot tell)."""
     path = CONF_DIR / "model" / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))

@@ -560,7 +560,7 @@ def _rank_and_world(trainer) -> tuple[int, int]:
 
 
 class TokenDataModule(L.LightningDataModule):
-    """Pretokenized shards -> task batches for t2i / caption / sr training (conf/data/shards.yaml).
+    """Pretokenized shards -> task batches for t2i / caption / sr training (cogview/conf/data/shards.yaml).
 
     train_shards: a directory written by the pretokenizer, a brace pattern or a URL list.
     Validation: `val_shards` (same forms), or the last `num_val_shards` shards of train_shards.

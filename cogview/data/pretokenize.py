@@ -3,7 +3,7 @@
     python -m cogview.data.pretokenize vqvae_dir=VQVAE_DIR out=OUT_DIR \\
         [source.kind=shapes|folder|shards ...] [size=64] [sr=true] [shard_size=1000]
 
-(config: conf/pretokenize.yaml). Each output sample holds
+(config: cogview/conf/pretokenize.yaml). Each output sample holds
 
     <key>.txt               the caption as given
     <key>.text_ids.npy      text tokenizer ids, int16 (int32 for vocabularies over 32768)
@@ -72,6 +72,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from cogview.config import CONF_DIR
 from cogview.data.fingerprint import image_tokenizer_fingerprint
 from cogview.data.images import DEFAULT_MAX_PIXELS, resize_center_crop
 from cogview.data.sources import (
@@ -86,11 +87,10 @@ from cogview.data.sources import (
 
 log = logging.getLogger("cogview.pretokenize")
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 MANIFEST_NAME = "manifest.json"
 FORMAT = "cogview-tokens"
 FORMAT_VERSION = 2  # 2: one output set per input tar for shards sources
-DEFAULT_WORKER_RETRIES = 2  # conf/pretokenize.yaml's worker_retries, for configs without it
+DEFAULT_WORKER_RETRIES = 2  # cogview/conf/pretokenize.yaml's worker_retries, for configs without it
 
 
 class NoUsableSamplesError(ValueError):
@@ -945,7 +945,7 @@ class Pretokenizer:
 
 
 def pretokenize(cfg) -> dict:
-    """Run the pretokenizer for a config shaped like conf/pretokenize.yaml; returns the manifest.
+    """Run the pretokenizer for a config shaped like cogview/conf/pretokenize.yaml; returns the manifest.
 
     Raises NoUsableSamplesError when the input yields no usable sample (the manifest with the
     skip counts is written first), ValueError for a bad config or an output directory that

@@ -129,4 +129,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from cogview.cli import run_command  # the same --help and exit codes as `cogview sentencepiece`
+
+    sys.exit(run_command("sentencepiece", sys.argv[1:]))
