@@ -19,6 +19,7 @@ from tqdm import tqdm
 from cogview.config import INFERENCE_CONF_DIR
 from cogview.data.images import (DEFAULT_MAX_PIXELS, ImageDecodeError, load_image,
                                  resize_center_crop)
+from cogview.model_card import write_model_card
 from cogview.visualize import comparison_grid, psnr, tensor_to_pil
 
 log = logging.getLogger("cogview.infer")
@@ -603,6 +604,9 @@ def evaluate_exports(cfg: DictConfig, shards: Shards) -> Path:
         plot_loss_curves(logs, out / "loss_curves.png")
         with open(out / "report.md", "a", encoding="utf-8") as report:
             report.write("\n## Training curves\n\n![losses](loss_curves.png)\n")
+    for task, path in exports.items():  # the scores go into each export's model card
+        if task in results:
+            write_model_card(path, scores=results[task])
     for split, result in results.get("t2i", {}).items():
         log.info("t2i %s: full match %.1f%%", split, 100 * result["one_sample"]["full_match"])
     log.info("report: %s", out / "report.md")

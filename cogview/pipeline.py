@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,37 @@ def find_exports(path: str | Path) -> dict[str, Path]:
     return found
 
 
+def resolve_export(name_or_path: str | Path, revision: str | None = None,
+                   cache_dir: str | Path | None = None, local_files_only: bool = False,
+                   token: str | None = None) -> Path:
+    """A local export directory as it is; a Hub repository id ("org/name") -> its snapshot in
+    the huggingface_hub cache (downloaded unless offline or ``local_files_only``)."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    name = str(name_or_path)
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name) or name.startswith((".", "/")):
+        raise FileNotFoundError(f"{name}: no such export directory (and not a Hub repository "
+                                "id like 'org/name')")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    try:
+        return Path(snapshot_download(name, revision=revision, cache_dir=cache_dir,
+                                      local_files_only=local_files_only, token=token))
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(
+            f"{name}: not a local directory, and not in the Hub cache "
+            f"({cache_dir or 'the default cache'}) while the Hub cannot be reached (offline, "
+            "HF_HUB_OFFLINE=1 or local_files_only=True): fetch it once with network access, "
+            "or give an export directory") from None
+    except (RepositoryNotFoundError, RevisionNotFoundError) as error:
+        raise FileNotFoundError(f"{name} (revision {revision or 'main'}): {error}") from None
+    except HfHubHTTPError as error:
+        raise OSError(f"{name}: the Hub answered {error}") from None
+
+
 def resolve_dtype(dtype) -> torch.dtype | None:
     """None, a torch.dtype or a name ("bf16", "fp16", "fp32") -> torch.dtype or None."""
     if dtype is None or isinstance(dtype, torch.dtype):
@@ -100,6 +132,27 @@ def mixed_precision(method):
         with torch.autocast(self.device.type, dtype=dtype):
             return method(self, *args, **kwargs)
     return wrapper
+
+
+def sample_seeds(seed: int | None, generator, count: int) -> list[int]:
+    """The seeds of ``count`` samples: ``seed + i`` (seed 0 by default), or from ``generator``:
+    one torch.Generator gives a base seed (then + i), a list one seed per sample."""
+    if generator is None:
+        return [(0 if seed is None else seed) + i for i in range(count)]
+    if seed is not None:
+        raise ValueError("give seed= or generator=, not both")
+
+    def draw(g: torch.Generator) -> int:
+        return int(torch.randint(0, 2**31 - 1, (), generator=g))
+
+    if isinstance(generator, torch.Generator):
+        base = draw(generator)
+        return [base + i for i in range(count)]
+    generators = list(generator)
+    if len(generators) != count or not all(isinstance(g, torch.Generator) for g in generators):
+        raise ValueError(f"generator: a list of {len(generators)} for {count} samples; give one "
+                         "torch.Generator per sample, or a single one")
+    return [draw(g) for g in generators]
 
 
 def check_count(name: str, value) -> None:
@@ -174,16 +227,22 @@ class Pipeline:
         self.device = torch.device(device)
         if precision != AUTO and precision not in PRECISIONS:
             raise ValueError(f"precision={precision!r} must be one of {[AUTO, *PRECISIONS]}")
+        self.requested_precision = precision  # "auto" is resolved again by .to(device)
         self.precision = resolve_precision(precision, self.device)
         self.batch_sizer: BatchSizer | None = None  # the last run's batch size (after backoff)
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, export_dir: str | Path, device: str | torch.device = "cpu",
-                        dtype=None, precision: str = AUTO) -> "Pipeline":
-        """Loads an export directory (``train.py task=t2i|caption`` writes ``<run>/export``).
+    def from_pretrained(cls, name_or_path: str | Path, device: str | torch.device = "cpu",
+                        dtype=None, precision: str = AUTO, *, torch_dtype=None,
+                        revision: str | None = None, cache_dir: str | Path | None = None,
+                        local_files_only: bool = False, token: str | None = None) -> "Pipeline":
+        """Loads an export: a local directory (``cogview train`` writes ``<run>/export``), or
+        a Hugging Face Hub repository id ("org/name") fetched through huggingface_hub's
+        ``snapshot_download`` (``revision``, ``cache_dir``, ``local_files_only``, ``token``;
+        with ``HF_HUB_OFFLINE=1`` only the cache is read).
 
-        dtype: None keeps the saved float32 weights; "bf16"/"fp16" casts the transformer (the
+        torch_dtype: the same as ``dtype`` (the name diffusers and transformers use). dtype: None keeps the saved float32 weights; "bf16"/"fp16" casts the transformer (the
         VQ-VAE stays float32). precision: "auto" (default: bf16 autocast on GPUs with bf16 and
         on CPUs with native bf16, AVX512-BF16/AMX; fp16 autocast on other GPUs; else fp32, see
         cogview.precision), "bf16-mixed", "16-mixed" or "32-true". A checkpoint whose
@@ -193,7 +252,13 @@ class Pipeline:
         from cogview.modules.vqvae import VQVAE
         from cogview.tokenization import CogViewVocab, load_text_tokenizer
 
-        export_dir = Path(export_dir)
+        if torch_dtype is not None:
+            if dtype is not None and resolve_dtype(dtype) != resolve_dtype(torch_dtype):
+                raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree: "
+                                 "give one of them")
+            dtype = torch_dtype
+        export_dir = resolve_export(name_or_path, revision=revision, cache_dir=cache_dir,
+                                    local_files_only=local_files_only, token=token)
         info_path = export_dir / EXPORT_CONFIG
         if not info_path.is_file():
             raise FileNotFoundError(
@@ -226,6 +291,57 @@ class Pipeline:
         image_tokenizer = image_tokenizer.to(device)
         return cls(model, text_tokenizer, image_tokenizer, vocab, info, device, precision)
 
+    def to(self, device: str | torch.device | None = None, dtype=None) -> "Pipeline":
+        """Moves the pipeline (transformer and VQ-VAE) to ``device`` and/or casts the
+        transformer to ``dtype``; returns it, so ``Pipeline.from_pretrained(...).to("cuda")``
+        works. precision="auto" is chosen again for the new device."""
+        if device is not None:
+            self.device = torch.device(device)
+            self.model.to(self.device)
+            self.image_tokenizer.to(self.device)
+            self.precision = resolve_precision(self.requested_precision, self.device)
+        if dtype is not None:
+            self.model.to(resolve_dtype(dtype))
+        return self
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Writes this pipeline as an export directory (weights, config, text tokenizer, VQ-VAE,
+        cogview.json, model card) that ``from_pretrained`` loads back equal."""
+        from cogview.model_card import write_model_card
+
+        directory = Path(directory)
+        self.model.save_pretrained(directory)
+        self.text_tokenizer.save(directory / "text_tokenizer")
+        self.image_tokenizer.save_pretrained(directory / "vqvae")
+        info = {**self.info, "text_tokenizer": "text_tokenizer", "image_tokenizer": "vqvae"}
+        (directory / EXPORT_CONFIG).write_text(json.dumps(info, indent=2, ensure_ascii=False),
+                                               encoding="utf-8")
+        write_model_card(directory)
+        return directory
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                    revision: str | None = None, commit_message: str = "Upload cogview export"):
+        """Uploads the export (``save_pretrained``, model card included) to a Hub repository,
+        creating it if needed; returns huggingface_hub's commit info. Refuses when offline."""
+        import tempfile
+
+        from huggingface_hub import HfApi, is_offline_mode
+
+        if is_offline_mode():
+            raise RuntimeError(f"push_to_hub({repo_id!r}): huggingface_hub is in offline mode "
+                               "(HF_HUB_OFFLINE is set); unset it on a machine that reaches the "
+                               "Hub, or upload save_pretrained's directory yourself")
+        api = HfApi(token=token)
+        with tempfile.TemporaryDirectory(prefix="cogview-push-") as folder:
+            self.save_pretrained(folder)
+            try:
+                api.create_repo(repo_id, private=private, exist_ok=True)
+                return api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
+                                         commit_message=commit_message)
+            except OSError as error:  # no network, DNS, refused connection, ...
+                raise RuntimeError(f"push_to_hub({repo_id!r}): the Hub cannot be reached: "
+                                   f"{error}") from error
+
     @property
     def image_tokens(self) -> int:
         """Codes per image the export was trained on (cogview.json ``image_tokens``), else 64."""
@@ -248,12 +364,12 @@ class Pipeline:
 
     @torch.inference_mode()
     @mixed_precision
-    def __call__(self, prompts: str | Sequence[str], num_images: int = 4, seed: int = 0,
+    def __call__(self, prompts: str | Sequence[str], num_images: int = 4, seed: int | None = None,
                  temperature: float = 1.0, top_k: int | None = 200, top_p: float = 1.0,
                  cfg_scale: float = 1.0, max_inference_batch_size: int = 12,
                  image_tokens: int | None = None, progress: bool = True,
                  reranker: "Pipeline | None" = None, num_candidates: int | None = None,
-                 callback: ProgressCallback | None = None):
+                 callback: ProgressCallback | None = None, generator=None):
         """Text-to-image: one prompt -> a list of ``num_images`` PIL images; a list of prompts
         -> a list of such lists. Sample i of each prompt uses seed ``seed + i``.
 
@@ -265,6 +381,8 @@ class Pipeline:
         keeps the ``num_images`` best; returns ``(images, scores)`` (per prompt for a list),
         best first. Candidate i still uses seed ``seed + i``.
         callback: ``callback(done_tokens, total_tokens)`` as image codes are generated.
+        generator: instead of ``seed``, a torch.Generator (a base seed is drawn from it; sample
+        i of each prompt then uses base + i) or a list of them, one per image (prompts x draws).
         """
         single = isinstance(prompts, str)
         prompt_list = [prompts] if single else list(prompts)
@@ -285,7 +403,11 @@ class Pipeline:
         side = grid_side(image_tokens)
         names = ["prompt"] if single else [f"prompt {i}" for i in range(len(prompt_list))]
         encoded = [self.encode_prompt(p, n) for p, n in zip(prompt_list, names)]  # check all first
-        requests = [SampleRequest(p, i, seed + i, ids)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            seeds = sample_seeds(seed, generator, len(prompt_list) * draws)
+        else:
+            seeds = sample_seeds(seed, generator, draws) * len(prompt_list)
+        requests = [SampleRequest(p, i, seeds[p * draws + i], ids)
                     for p, ids in enumerate(encoded) for i in range(draws)]
         tracker = TokenProgress(callback, len(requests) * image_tokens)
 
@@ -308,14 +430,15 @@ class Pipeline:
         if reranker is None:
             return per_prompt[0] if single else per_prompt
         ranked = []
-        for prompt, candidates in zip(prompt_list, per_prompt):
+        for prompt_index, (prompt, candidates) in enumerate(zip(prompt_list, per_prompt)):
             scores = reranker.caption_scores(candidates, [prompt] * len(candidates),
                                              max_inference_batch_size=max_inference_batch_size,
                                              progress=False)
             order = sorted(range(len(candidates)), key=lambda i: -scores[i])[:num_images]
             best = [candidates[i] for i in order]
             for i, image in zip(order, best):
-                image.info.update(sample=i, seed=seed + i, caption_score=scores[i])
+                image.info.update(sample=i, seed=seeds[prompt_index * draws + i],
+                                  caption_score=scores[i])
             ranked.append((best, [scores[i] for i in order]))
         return ranked[0] if single else ranked
 
@@ -334,20 +457,22 @@ class Pipeline:
     @torch.inference_mode()
     @mixed_precision
     def complete(self, image: Image.Image | str | Path, prompt: str,
-                 region: str | Sequence[int] = "bottom", num_images: int = 4, seed: int = 0,
+                 region: str | Sequence[int] = "bottom", num_images: int = 4,
+                 seed: int | None = None,
                  temperature: float = 1.0, top_k: int | None = 200, top_p: float = 1.0,
                  max_inference_batch_size: int = 12, progress: bool = True,
-                 callback: ProgressCallback | None = None) -> list[Image.Image]:
+                 callback: ProgressCallback | None = None, generator=None) -> list[Image.Image]:
         """Image completion with a t2i export: keeps the image outside ``region`` and redraws
         the codes inside it ("bottom", "top", "left", "right" half, or a pixel box
         [left, top, right, bottom] of the image at the export's size) -> ``num_images`` images.
         The known codes come back unchanged (a code is redrawn when its 8x8 cell overlaps the
         region: ``cogview.generation.completion.region_mask(region, height, width)`` gives
-        those cells); sample i uses seed ``seed + i``."""
+        those cells); sample i uses seed ``seed + i`` (or ``generator``, as in ``__call__``)."""
         from cogview.generation.completion import known_codes, region_mask
         from cogview.generation.sampling import generate_images
 
         check_count("num_images", num_images)
+        seeds = sample_seeds(seed, generator, num_images)
         text_ids = self.encode_prompt(prompt)
         picture = self.prepare_image(image)
         codes = self.encode_images([picture])  # (1, h, w)
@@ -359,7 +484,7 @@ class Pipeline:
         def draw(samples: list[int]) -> list[Image.Image]:
             new = generate_images(
                 self.model, self.vocab, [text_ids] * len(samples), h * w,
-                [seed + i for i in samples], temperature=temperature, top_k=top_k, top_p=top_p,
+                [seeds[i] for i in samples], temperature=temperature, top_k=top_k, top_p=top_p,
                 max_text_len=self.max_text_len, text_slots=self.text_slots,
                 known_codes=known.expand(len(samples), -1),
                 callback=tracker.chunk(len(samples), int(mask.sum()), h * w))
@@ -378,19 +503,21 @@ class Pipeline:
 
     @torch.inference_mode()
     @mixed_precision
-    def super_resolve(self, images, prompts: str | Sequence[str], seed: int = 0,
+    def super_resolve(self, images, prompts: str | Sequence[str], seed: int | None = None,
                       temperature: float = 1.0, top_k: int | None = 200, top_p: float = 1.0,
                       greedy: bool = False, refine_sweeps: int = 2, refine_candidates: int = 8,
                       refine_codebook: int = 0,
                       max_inference_batch_size: int = 12, progress: bool = True,
-                      callback: ProgressCallback | None = None) -> list[Image.Image]:
+                      callback: ProgressCallback | None = None,
+                      generator=None) -> list[Image.Image]:
         """Token-space 2x super-resolution with an sr export: images (PIL or paths, any size
         that is a multiple of 8 pixels per window; they are centre-cropped to a square multiple
         of the window) + their captions -> images of twice the side.
 
         An image of the model's window (e.g. 64 px for a 64 -> 128 px model) is one window;
         a larger one runs CogView's sliding 3x3 windows (each high-res code drawn once, each
-        window continuing its neighbours). Image i uses seed ``seed + i``; ``greedy=True`` takes
+        window continuing its neighbours). Image i uses seed ``seed + i`` (or ``generator``, as
+        in ``__call__``); ``greedy=True`` takes
         the most likely code at every step instead (what the sr benchmark scores).
 
         Consistency refinement (``refine_sweeps`` > 0, the default 2): every high-res code may
@@ -410,6 +537,7 @@ class Pipeline:
                           num_codes=self.vocab.num_image_codes)
 
         images, prompt_list = pair_prompts(images, prompts, "super-resolve")
+        seeds = sample_seeds(seed, generator, len(images))
         window_px = 8 * self.sr_window
         pictures = []
         for index, image in enumerate(images):
@@ -433,7 +561,7 @@ class Pipeline:
             chunk_texts = [texts[i] for i in chunk]
             highres = sliding_window_sr(
                 self.model, self.vocab, chunk_texts, lowres[chunk], self.sr_window,
-                [seed + i for i in chunk], temperature=temperature, top_k=top_k, top_p=top_p,
+                [seeds[i] for i in chunk], temperature=temperature, top_k=top_k, top_p=top_p,
                 greedy=greedy, max_text_len=self.max_text_len, text_slots=self.text_slots,
                 callback=tracker.chunk(len(chunk), per_image))
             if refine_sweeps:

@@ -11,6 +11,7 @@ import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from cogview.callbacks.checkpoint import remove_stale_temporaries
 from cogview.config import CONF_DIR, register_resolvers
@@ -69,6 +70,22 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
                        plugins=[AtomicCheckpointIO()])
 
 
+def log_resolved_config(trainer: L.Trainer, cfg: DictConfig) -> None:
+    """The run's whole Hydra config, interpolations resolved, as the W&B run's config (the
+    LightningModule's own hyperparameters are logged beside it by Lightning)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+    if not loggers:
+        return
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException:  # e.g. ${hydra:...} outside a Hydra app: log what can be read as it is
+        resolved = OmegaConf.to_container(cfg, resolve=False)
+    for logger in loggers:
+        logger.log_hyperparams({"config": resolved})
+
+
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: str,
                       trust_pickle: bool = False) -> str | None:
     """``last`` means ``<output_dir>/checkpoints/last.ckpt``; anything else must exist, load
@@ -105,6 +122,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.data)
     task = build_task(cfg)
     trainer = build_trainer(cfg)
+    log_resolved_config(trainer, cfg)
     for directory in {Path(cfg.output_dir) / "checkpoints",
                       *([Path(ckpt_path).parent] if ckpt_path else [])}:
         remove_stale_temporaries(directory)

@@ -77,3 +77,48 @@ def make_sr_export(root, text_len: int = 8, hr_tokens: int = 64):
                   vqvae_dir=str(root / "vq"), max_text_len=text_len)
     task.image_tokens = hr_tokens
     return task.export(root / "sr")
+
+
+def read_wandb_records(run_file) -> list:
+    """The protobuf Records of an offline W&B run file: a LevelDB-style log (32 KiB blocks of
+    records with a 7-byte header: crc32, length, type)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B", f"{run_file} is not a W&B run file"
+    block, position, pending, records = 32768, 7, b"", []
+    while position + 7 <= len(data):
+        left_in_block = block - position % block
+        if left_in_block < 7:  # block trailer padding
+            position += left_in_block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        if kind == 0:  # zero padding up to the end of the block
+            position += left_in_block
+            continue
+        pending += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # FULL or LAST fragment: a whole record
+            records.append(wandb_internal_pb2.Record.FromString(pending))
+            pending = b""
+    return records
+
+
+def read_wandb_history(run_file) -> list[dict[str, str]]:
+    """History rows of an offline W&B run: {key: JSON value}."""
+    return [{item.key or "/".join(item.nested_key): item.value_json
+             for item in record.history.item}
+            for record in read_wandb_records(run_file)
+            if record.WhichOneof("record_type") == "history"]
+
+
+def read_wandb_config(run_file) -> dict[str, str]:
+    """The config an offline W&B run recorded: {key: JSON value}, later updates winning."""
+    config = {}
+    for record in read_wandb_records(run_file):
+        if record.WhichOneof("record_type") == "config":
+            config.update({item.key or "/".join(item.nested_key): item.value_json
+                           for item in record.config.update})
+    return config

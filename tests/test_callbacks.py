@@ -5,7 +5,6 @@ import csv
 import logging
 import os
 import signal
-import struct
 import subprocess
 import sys
 
@@ -22,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from cogview.callbacks import AtomicCheckpointIO, NaNMonitor, StepCheckpoint
 from cogview.modules.transformer import CogViewTransformer, TransformerConfig
 from cogview.training import build_trainer, register_resolvers
-from tests.helpers import CONF_DIR, ROOT
+from tests.helpers import CONF_DIR, ROOT, read_wandb_history
 
 
 # ----------------------------------------------------------------- fixtures
@@ -107,34 +106,6 @@ def same_tensors(a, b) -> bool:
 def read_csv_metrics(path) -> list[dict[str, str]]:
     with open(path) as handle:
         return list(csv.DictReader(handle))
-
-
-def read_wandb_history(run_file) -> list[dict[str, str]]:
-    """History rows of an offline W&B run: the .wandb file is a LevelDB-style log (32 KiB
-    blocks of records with a 7-byte header: crc32, length, type) of protobuf Records."""
-    from wandb.proto import wandb_internal_pb2
-
-    data = run_file.read_bytes()
-    assert data[:4] == b":W&B", f"{run_file} is not a W&B run file"
-    block, position, pending, rows = 32768, 7, b"", []
-    while position + 7 <= len(data):
-        left_in_block = block - position % block
-        if left_in_block < 7:  # block trailer padding
-            position += left_in_block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
-        if kind == 0:  # zero padding up to the end of the block
-            position += left_in_block
-            continue
-        pending += data[position + 7:position + 7 + length]
-        position += 7 + length
-        if kind in (1, 4):  # FULL or LAST fragment: a whole record
-            record = wandb_internal_pb2.Record.FromString(pending)
-            pending = b""
-            if record.WhichOneof("record_type") == "history":
-                rows.append({item.key or "/".join(item.nested_key): item.value_json
-                             for item in record.history.item})
-    return rows
 
 
 # ------------------------------------------------------------ NaN monitor

@@ -251,6 +251,11 @@ def test_infer_eval_runs_the_shapes_benchmark_on_an_export_folder(exports, sr_ex
     for picture in ("t2i_accuracy.png", "t2i_two.png", "t2i_two_reranked.png", "caption_two.png",
                     "sr_seen.png", "loss_curves.png"):
         assert picture in report and (out / picture).is_file()
+    # each export's model card now holds its task's scores
+    t2i_card = (exports / "t2i" / "README.md").read_text(encoding="utf-8")
+    full_match = results["t2i"]["two"]["one_sample"]["full_match"]
+    assert f"| two | one_sample.full_match | {full_match:.4g} |" in t2i_card
+    assert "greedy_exact_match" in (exports / "caption" / "README.md").read_text(encoding="utf-8")
 
 
 def test_infer_caption_reads_codes_from_pretokenized_shards(exports, tmp_path):

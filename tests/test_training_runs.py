@@ -14,7 +14,14 @@ import torch
 from cogview.export import export_checkpoint
 from cogview.training import resolve_ckpt_path
 from cogview.modules.transformer import CogViewTransformer
-from tests.helpers import ROOT, TINY_MODEL, make_run_assets, make_token_shards
+from tests.helpers import (
+    ROOT,
+    TINY_MODEL,
+    make_run_assets,
+    make_token_shards,
+    read_wandb_config,
+    read_wandb_history,
+)
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +96,11 @@ def test_export_any_checkpoint(assets, tmp_path):
     assert json.loads((out / "cogview.json").read_text())["image_tokens"] == 64
     exported = CogViewTransformer.from_pretrained(out)
     reference = CogViewTransformer.from_pretrained(run / "export")
+    # the model card of the run's export names its training data by fingerprint
+    manifest = json.loads((assets["shards"] / "manifest.json").read_text())
+    card = (run / "export" / "README.md").read_text(encoding="utf-8")
+    assert f"image tokenizer fingerprint: `{manifest['fingerprints']['image_tokenizer']}`" in card
+    assert "pipeline_tag: text-to-image" in card
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(exported.state_dict()[name], value)
     cli = subprocess.run([sys.executable, "-m", "cogview.export", "ckpt=missing.ckpt", "out=x"],
@@ -119,6 +131,33 @@ def test_export_any_checkpoint(assets, tmp_path):
     assert resolve_ckpt_path(str(sharded), str(run), trust_pickle=True) == str(sharded)
 
 
+def test_wandb_run_holds_the_resolved_config_and_the_benchmark_table_and_grids(assets, tmp_path):
+    run = tmp_path / "wandb-run"
+    command = base_command(assets, f"hydra.run.dir={run}", "trainer.max_steps=2",
+                           "trainer.val_check_interval=2", "callbacks=shapes",
+                           "callbacks.shapes_eval.every_n_steps=2",
+                           "callbacks.shapes_eval.prompts_per_split=2")
+    command[command.index("logger=csv")] = "logger=wandb"
+    env = {**os.environ, "WANDB_SILENT": "true", "WANDB_MODE": "offline"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_file, = (run / "wandb").glob("offline-run-*/run-*.wandb")
+    config = json.loads(read_wandb_config(run_file)["config"])
+    assert config["task"]["name"] == "t2i" and config["model"]["num_layers"] == 2
+    assert config["output_dir"] == str(run)  # resolved, not ${hydra:runtime.output_dir}
+    history = read_wandb_history(run_file)  # media are logged as nested keys
+    table = next(row for row in history if "oracle/curve/_type" in row)
+    assert json.loads(table["oracle/curve/_type"]) == "table-file"
+    assert json.loads(table["oracle/curve/nrows"]) == 1  # one evaluation so far
+    assert json.loads(table["oracle/curve/ncols"]) == 5  # step, seconds, three splits
+    images = next(row for row in history if "oracle/samples/_type" in row)
+    assert json.loads(images["oracle/samples/_type"]) == "images/separated"
+    assert json.loads(images["oracle/samples/count"]) == 3  # a grid per split
+    media = list((run_file.parent / "files" / "media").rglob("*.png"))
+    assert len(media) == 3
+
+
 @pytest.mark.distributed
 def test_ddp_cpu_two_processes_over_gloo(assets, tmp_path):
     run = tmp_path / "ddp"
@@ -138,8 +177,8 @@ def sr_shards(assets, tmp_path_factory):
                              size=128, sr=True, shard_size=16)
 
 
-@pytest.mark.parametrize("task", ["t2i", pytest.param("caption", marks=pytest.mark.slow),
-                                  pytest.param("sr", marks=pytest.mark.slow)])
+@pytest.mark.slow  # the default suite runs the t2i evaluation in the W&B test below
+@pytest.mark.parametrize("task", ["t2i", "caption", "sr"])
 def test_shapes_eval_scores_each_task_against_training_time(assets, sr_shards, tmp_path, task):
     from cogview.eval.shapes_bench import sr_benchmark
     from cogview.pipeline import Pipeline

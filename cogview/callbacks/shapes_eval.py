@@ -24,6 +24,8 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
+from cogview.visualize import image_grid
+
 SPLITS = ("seen", "heldout", "two")
 TASKS = ("t2i", "caption", "sr")
 
@@ -60,6 +62,7 @@ class ShapesOracleEval(Callback):
         self.sr_refine_sweeps = sr_refine_sweeps
         self.history: list[dict] = []
         self.train_seconds = 0.0
+        self._grids: dict = {}  # split -> grid of the last t2i evaluation's samples
         self._started: float | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -96,6 +99,7 @@ class ShapesOracleEval(Callback):
                    if k not in ("step", "train_seconds")}
         if trainer.logger is not None and metrics:
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
+        self._log_to_wandb(trainer)
         self._write(trainer)
         self._started = time.perf_counter()  # the evaluation is not training time
         return point
@@ -115,6 +119,7 @@ class ShapesOracleEval(Callback):
         side = int(round((pl_module.image_tokens or 64) ** 0.5))
         was_training = model.training
         scores = {}
+        self._grids = {}
         try:
             with trainer.precision_plugin.forward_context():
                 for split in self.splits:
@@ -127,6 +132,7 @@ class ShapesOracleEval(Callback):
                         text_slots=pl_module.text_slots)
                     images = vqvae.decode(codes.view(-1, side, side).to(vqvae_device(vqvae)))
                     result = evaluate(images.float().cpu(), [p["scene"] for p in prompts])
+                    self._grids[split] = image_grid(images.float().cpu(), columns=8)
                     scores[f"{split}_full_match"] = round(float(result["full_match"]), 4)
         finally:
             model.train(was_training)
@@ -157,6 +163,23 @@ class ShapesOracleEval(Callback):
                     for name in ("psnr", "unrefined_psnr", "bicubic_psnr") if name in r}
         finally:
             pl_module.model.train(was_training)
+
+    @rank_zero_only
+    def _log_to_wandb(self, trainer) -> None:
+        """With a W&B logger: the curve so far as a table (one row per evaluation) and the
+        t2i samples of this evaluation as one grid per split."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in trainer.loggers:
+            if not isinstance(logger, WandbLogger):
+                continue
+            columns = list(dict.fromkeys(k for point in self.history for k in point))
+            logger.log_table("oracle/curve", columns=columns, step=trainer.global_step,
+                             data=[[point.get(c) for c in columns] for point in self.history])
+            if self._grids:
+                logger.log_image("oracle/samples", images=list(self._grids.values()),
+                                 caption=[f"{split} (step {trainer.global_step})"
+                                          for split in self._grids], step=trainer.global_step)
 
     @rank_zero_only
     def _write(self, trainer) -> None:

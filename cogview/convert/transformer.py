@@ -34,6 +34,7 @@ import torch
 import yaml
 
 from cogview.config import CONF_DIR
+from cogview.model_card import write_model_card
 from cogview.convert.checkpoint import (
     CheckpointError,
     extract_state_dict,
@@ -311,6 +312,7 @@ def convert_transformer(src: str | Path, out: str | Path, vqvae: str | Path | No
             "converted_from": {"checkpoint": str(Path(path).resolve()), "dtype": dtypes,
                                "heads": heads}}
     (out / EXPORT_CONFIG).write_text(json.dumps(info, indent=2, ensure_ascii=False))
+    write_model_card(out)
     log.info("converted %s (%s, %d layers, hidden %d) to %s", path, "/".join(dtypes),
              config.num_layers, config.hidden_size, out)
     return out

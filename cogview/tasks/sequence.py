@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from cogview.model_card import write_model_card
 from cogview.modules.losses import check_loss_vocab, full_loss, span_loss
 from cogview.modules.transformer import CogViewTransformer, TransformerConfig
 from cogview.safe_load import check_finite, load_torch_file
@@ -88,6 +89,18 @@ def load_matching(model: torch.nn.Module, state: dict[str, torch.Tensor], source
 
 
 IMAGE_TOKENIZER_ATTR = "_image_tokenizer"
+
+
+def training_data(datamodule) -> dict | None:
+    """What an export records of its training data: the shards, their sample count and the
+    tokenizer fingerprints of their manifest (None without a DataModule that has them)."""
+    shard_set = getattr(datamodule, "train_set", None)
+    if shard_set is None:
+        return None
+    manifest = shard_set.manifest or {}
+    return {"train_shards": str(getattr(datamodule, "train_shards", "")),
+            "num_samples": shard_set.num_samples,
+            "fingerprints": manifest.get("fingerprints", {})}
 
 
 class SequenceTask(CogViewTask):
@@ -277,6 +290,7 @@ class SequenceTask(CogViewTask):
         shutil.copytree(self.hparams.vqvae_dir, vqvae_copy)
         (directory / EXPORT_CONFIG).write_text(json.dumps(self.export_info(), indent=2,
                                                           ensure_ascii=False))
+        write_model_card(directory)
         return directory
 
     def export_info(self) -> dict:
@@ -287,7 +301,8 @@ class SequenceTask(CogViewTask):
                 "image_tokens": self.image_tokens,
                 "caption_end_token": getattr(datamodule, "caption_end_token", None),
                 "loss_vocab": self.hparams.loss_vocab,
-                "text_tokenizer": "text_tokenizer", "image_tokenizer": "vqvae"}
+                "text_tokenizer": "text_tokenizer", "image_tokenizer": "vqvae",
+                **({"data": training_data(datamodule)} if training_data(datamodule) else {})}
 
     def pipeline(self, precision: str = "auto"):
         """The model being trained as an in-memory ``Pipeline`` (same weights, no copy), for
