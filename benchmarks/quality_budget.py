@@ -51,7 +51,7 @@ def t2i_point(export: Path, steps: int, prompts: int, top_k: int, temperature: f
         items = eval_prompts(split, prompts, seed=0)
         images = [group[0] for group in pipe(  # one image per prompt
             [p["caption"] for p in items], seed=0, top_k=top_k, temperature=temperature,
-            max_inference_batch_size=64, progress=False)]
+            max_inference_batch_size=64, progress=False).per_prompt]
         point[f"{split}_full_match"] = round(float(evaluate(images, [p["scene"] for p in items])
                                                    ["full_match"]), 4)
     print(f"t2i {steps} steps ({export}): " + ", ".join(

@@ -360,11 +360,11 @@ class DemoApp:
             num_candidates = as_int(num_candidates, "candidates", num_images, conf.max_candidates)
         with self._using("t2i", "caption"), user_errors():
             if rerank:
-                images, scores = pipe(prompt, num_images=num_images, seed=seed, reranker=scorer,
-                                      num_candidates=num_candidates, **options)
-                samples = [image.info["sample"] for image in images]
+                best = pipe(prompt, num_images=num_images, seed=seed, reranker=scorer,
+                            num_candidates=num_candidates, **options)
+                images, scores, samples = best.images, best.scores, best.samples
             else:
-                images = pipe(prompt, num_images=num_images, seed=seed, **options)
+                images = pipe(prompt, num_images=num_images, seed=seed, **options).images
                 samples = list(range(num_images))
                 scores = (scorer.caption_scores(images, prompt, progress=False)
                           if scorer is not None else None)

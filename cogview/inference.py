@@ -303,11 +303,11 @@ def text_to_image(cfg: DictConfig, shards: Shards) -> Path:
                       max_inference_batch_size=cfg.max_inference_batch_size)
         prompts = [records[i][1] for i in mine]
         if reranker is None:
-            results = [(samples, None) for samples in pipe(prompts, num_images=cfg.num_samples,
-                                                           **kwargs)]
+            output = pipe(prompts, num_images=cfg.num_samples, **kwargs)
         else:
-            results = pipe(prompts, num_images=cfg.keep, reranker=reranker,
-                           num_candidates=cfg.num_candidates, **kwargs)
+            output = pipe(prompts, num_images=cfg.keep, reranker=reranker,
+                          num_candidates=cfg.num_candidates, **kwargs)
+        results = zip(output.per_prompt, output.scores_per_prompt or [None] * len(prompts))
         for index, (samples, scores) in zip(mine, results):
             row_id, prompt = records[index]
             grid = f"{index:05d}_grid.png"

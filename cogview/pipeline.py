@@ -2,9 +2,9 @@
 
     from cogview import Pipeline
     pipe = Pipeline.from_pretrained("runs/t2i/export")          # a SequenceTask.export directory
-    images = pipe("左上角有一个大的红色圆形", num_images=4, seed=0)  # 4 PIL images
+    images = pipe("左上角有一个大的红色圆形", num_images=4, seed=0).images  # 4 PIL images
     captions = pipe.caption(["a.png", "b.png"])                 # with a caption export
-    images, scores = pipe(prompt, num_images=2, reranker=caption_pipe, num_candidates=8)
+    best = pipe(prompt, num_images=2, reranker=caption_pipe, num_candidates=8)  # .scores too
     big = sr_pipe.super_resolve(images, prompt)                 # with an sr export: 2x side
     filled = pipe.complete("a.png", prompt, region="bottom")    # redraw the bottom half
 
@@ -211,6 +211,32 @@ class SampleRequest:
     text_ids: list[int]
 
 
+@dataclass
+class PipelineOutput:
+    """What ``Pipeline(...)`` returns, whatever the options: every image in order (prompt by
+    prompt, ``num_images`` each; best first when reranked), each with its prompt, sample index
+    and seed, and the caption scores when a reranker chose them (else None)."""
+
+    images: list[Image.Image]
+    prompts: list[str]
+    samples: list[int]
+    seeds: list[int]
+    scores: list[float] | None = None
+    num_images: int = 1  # per prompt
+
+    def _grouped(self, values: list) -> list[list]:
+        return [values[i:i + self.num_images] for i in range(0, len(values), self.num_images)]
+
+    @property
+    def per_prompt(self) -> list[list[Image.Image]]:
+        """The images grouped by prompt: ``[prompt][sample]``."""
+        return self._grouped(self.images)
+
+    @property
+    def scores_per_prompt(self) -> list[list[float]] | None:
+        return None if self.scores is None else self._grouped(self.scores)
+
+
 class Pipeline:
     """A CogViewTransformer with its text tokenizer, VQ-VAE and vocabulary, ready to sample."""
 
@@ -370,16 +396,17 @@ class Pipeline:
                  image_tokens: int | None = None, progress: bool = True,
                  reranker: "Pipeline | None" = None, num_candidates: int | None = None,
                  callback: ProgressCallback | None = None, generator=None):
-        """Text-to-image: one prompt -> a list of ``num_images`` PIL images; a list of prompts
-        -> a list of such lists. Sample i of each prompt uses seed ``seed + i``.
+        """Text-to-image: a prompt or a list of prompts -> a ``PipelineOutput``: ``.images``,
+        ``num_images`` per prompt, prompt by prompt (``.per_prompt`` groups them), with each
+        image's prompt, sample index and seed. Sample i of each prompt uses seed ``seed + i``.
 
         Batches hold up to ``max_inference_batch_size`` samples (from any prompts) and shrink
         on out-of-memory; the result does not depend on the batch size.
 
         reranker: a caption Pipeline (CogView's post-selection). Draws ``num_candidates``
         (default 2 * num_images) per prompt, scores each with ``reranker.caption_scores`` and
-        keeps the ``num_images`` best; returns ``(images, scores)`` (per prompt for a list),
-        best first. Candidate i still uses seed ``seed + i``.
+        keeps the ``num_images`` best, best first, their scores in ``.scores``. Candidate i still
+        uses seed ``seed + i``.
         callback: ``callback(done_tokens, total_tokens)`` as image codes are generated.
         generator: instead of ``seed``, a torch.Generator (a base seed is drawn from it; sample
         i of each prompt then uses base + i) or a list of them, one per image (prompts x draws).
@@ -426,21 +453,25 @@ class Pipeline:
             requests, draw, sizer=self.batch_sizer, desc="sampling", progress=progress,
             describe=lambda r: f"sample {r.sample} of {names[r.prompt_index]} "
                                f"({prompt_list[r.prompt_index][:40]!r})")
-        per_prompt = [images[p * draws:(p + 1) * draws] for p in range(len(prompt_list))]
         if reranker is None:
-            return per_prompt[0] if single else per_prompt
-        ranked = []
-        for prompt_index, (prompt, candidates) in enumerate(zip(prompt_list, per_prompt)):
+            return PipelineOutput(images, [prompt_list[r.prompt_index] for r in requests],
+                                  [r.sample for r in requests], [r.seed for r in requests],
+                                  num_images=num_images)
+        output = PipelineOutput([], [], [], [], scores=[], num_images=num_images)
+        for p, prompt in enumerate(prompt_list):
+            candidates = images[p * draws:(p + 1) * draws]
             scores = reranker.caption_scores(candidates, [prompt] * len(candidates),
                                              max_inference_batch_size=max_inference_batch_size,
                                              progress=False)
-            order = sorted(range(len(candidates)), key=lambda i: -scores[i])[:num_images]
-            best = [candidates[i] for i in order]
-            for i, image in zip(order, best):
-                image.info.update(sample=i, seed=seeds[prompt_index * draws + i],
-                                  caption_score=scores[i])
-            ranked.append((best, [scores[i] for i in order]))
-        return ranked[0] if single else ranked
+            for i in sorted(range(len(candidates)), key=lambda i: -scores[i])[:num_images]:
+                seed_i = requests[p * draws + i].seed
+                candidates[i].info.update(sample=i, seed=seed_i, caption_score=scores[i])
+                output.images.append(candidates[i])
+                output.prompts.append(prompt)
+                output.samples.append(i)
+                output.seeds.append(seed_i)
+                output.scores.append(scores[i])
+        return output
 
     def decode_codes(self, codes: torch.Tensor) -> list[Image.Image]:
         """Code grids [B, h, w] -> B PIL images through the VQ-VAE decoder."""

@@ -131,7 +131,8 @@ def check_t2i_results(page, reference, prompt: str, seed: int) -> list[Image.Ima
     assert scores == sorted(scores, reverse=True)
     for image, row in zip(shown, rows):
         assert image.format == "PNG" and image.size == (64, 64)
-        direct = reference["t2i"](prompt, num_images=1, seed=row["seed"], progress=False)[0]
+        direct = reference["t2i"](prompt, num_images=1, seed=row["seed"],
+                                  progress=False).images[0]
         assert pixels(image) == pixels(direct)
         assert pixels(Image.open(bundle.open(row["path"]))) == pixels(direct)
     assert page.get_by_text(f"seed {rows[0]['seed']} · caption score").first.is_visible()
@@ -208,7 +209,7 @@ def test_16_concurrent_client_requests_each_get_their_seeds_images(server, refer
         assert [row["seed"] for row in rows] == [seed, seed + 1]
         assert [item["caption"].split(" · ")[0] for item in gallery] == [f"seed {seed}",
                                                                         f"seed {seed + 1}"]
-        expected = reference["t2i"](PROMPT, num_images=2, seed=seed, progress=False)
+        expected = reference["t2i"](PROMPT, num_images=2, seed=seed, progress=False).images
         got = [Image.open(item["image"]) for item in gallery]
         assert [pixels(image) for image in got] == [pixels(image) for image in expected]
         assert zipfile.ZipFile(archive).namelist() == ["00000_000.png", "00000_001.png",
@@ -246,7 +247,7 @@ def test_api_super_resolution_and_completion(server, reference, tmp_path):
     url, _ = server
     client = Client(url, verbose=False)
     source = tmp_path / "source.png"
-    reference["t2i"](PROMPT, num_images=1, seed=0, progress=False)[0].save(source)
+    reference["t2i"](PROMPT, num_images=1, seed=0, progress=False).images[0].save(source)
 
     (before, after), archive = client.predict(handle_file(str(source)), PROMPT, 3,
                                               api_name="/super_resolve")

@@ -241,8 +241,8 @@ def test_converted_model_samples_through_pipeline_and_infer(assets, tmp_path):
     from cogview.inference import infer
 
     pipe = Pipeline.from_pretrained(assets / "export")
-    first = pipe("左上角有一个大的红色圆形", num_images=2, seed=3, progress=False)
-    again = pipe("左上角有一个大的红色圆形", num_images=2, seed=3, progress=False)
+    first = pipe("左上角有一个大的红色圆形", num_images=2, seed=3, progress=False).images
+    again = pipe("左上角有一个大的红色圆形", num_images=2, seed=3, progress=False).images
     assert [image.size for image in first] == [(32, 32), (32, 32)]  # 4x4 codes, 8x upsampling
     assert [image.tobytes() for image in first] == [image.tobytes() for image in again]
 

@@ -202,10 +202,12 @@ def test_pipeline_completion_and_rerank(pipes):
     with pytest.raises(ValueError, match="empty"):
         t2i.complete(source, " ", progress=False)
 
-    best, scores = t2i("红色", num_images=2, reranker=caption, num_candidates=4, seed=3,
-                       progress=False)
+    output = t2i("红色", num_images=2, reranker=caption, num_candidates=4, seed=3,
+                 progress=False)
+    best, scores = output.images, output.scores  # the same type as without a reranker
     assert len(best) == 2 and scores == sorted(scores, reverse=True)
-    candidates = t2i("红色", num_images=4, seed=3, progress=False)
+    assert output.seeds == [3 + i for i in output.samples]
+    candidates = t2i("红色", num_images=4, seed=3, progress=False).images
     all_scores = caption.caption_scores(candidates, "红色", progress=False)
     assert scores == sorted(all_scores, reverse=True)[:2]
     for image, score in zip(best, scores):

@@ -298,8 +298,8 @@ def test_t2i_benchmark_draws_the_rerank_pool_at_its_own_temperature(exports):
     assert (result["temperature"], result["rerank_temperature"]) == (0.3, 1.0)
     prompts = eval_prompts("two", 3, seed=5)
     captions, scenes = [p["caption"] for p in prompts], [p["scene"] for p in prompts]
-    sharp = [group[0] for group in t2i(captions, num_images=1, seed=5, top_k=50, temperature=0.3,
-                                       progress=False)]
+    sharp = t2i(captions, num_images=1, seed=5, top_k=50, temperature=0.3,
+                progress=False).images
     assert result["one_sample"] == evaluate(sharp, scenes)  # 1-sample: the sharp draw
     pool = t2i_benchmark(t2i, reranker=caption, temperature=1.0, **settings)["two"]
     assert pool["rerank"] == result["rerank"]  # the pool: the same draws as at temperature 1.0

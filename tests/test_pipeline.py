@@ -50,21 +50,25 @@ def test_pipeline_loads_the_export_parts(pipe):
 
 def test_images_have_the_grid_size_and_depend_only_on_seed_prompt_and_index(pipe):
     small = dict(image_tokens=16, progress=False)  # 4x4 codes: 16 sampling steps, 32x32 pixels
-    one_by_one = pipe(PROMPTS, num_images=3, seed=5, max_inference_batch_size=1, **small)
-    batched = pipe(PROMPTS, num_images=3, seed=5, max_inference_batch_size=12, **small)
+    one_by_one = pipe(PROMPTS, num_images=3, seed=5, max_inference_batch_size=1,
+                      **small).per_prompt
+    output = pipe(PROMPTS, num_images=3, seed=5, max_inference_batch_size=12, **small)
+    assert output.prompts == [PROMPTS[0]] * 3 + [PROMPTS[1]] * 3 and output.scores is None
+    assert output.samples == [0, 1, 2] * 2 and output.seeds == [5, 6, 7] * 2
+    batched = output.per_prompt
     assert len(batched) == 2 and all(len(samples) == 3 for samples in batched)
     assert all(image.size == (32, 32) for samples in batched for image in samples)
     assert [[pixels(i) for i in s] for s in one_by_one] == [[pixels(i) for i in s] for s in batched]
     # sample i has seed 5 + i: prompt 1 alone with seed 6 gives its sample 1 as sample 0
-    alone = pipe(PROMPTS[1], num_images=2, seed=6, **small)
+    alone = pipe(PROMPTS[1], num_images=2, seed=6, **small).images  # one type for one prompt too
     assert isinstance(alone, list) and isinstance(alone[0], Image.Image)
     assert pixels(alone[0]) == pixels(batched[1][1])
     assert len({pixels(i) for s in batched for i in s}) == 6  # different seeds, different images
 
 
 def test_image_tokens_sets_the_image_size(pipe):
-    assert pipe("红色", num_images=1, progress=False)[0].size == (64, 64)  # the default 8x8
-    images = pipe("红色", num_images=1, image_tokens=4, progress=False)
+    assert pipe("红色", num_images=1, progress=False).images[0].size == (64, 64)  # default 8x8
+    images = pipe("红色", num_images=1, image_tokens=4, progress=False).images
     assert images[0].size == (16, 16)
     with pytest.raises(ValueError, match="image_tokens=15"):
         pipe("红色", num_images=1, image_tokens=15, progress=False)
@@ -75,8 +79,8 @@ def test_empty_and_overlong_prompts(pipe):
         pipe(["红色", "   "], num_images=1, progress=False)
     with pytest.warns(UserWarning, match="cut 4 tokens"):
         images = pipe("一二三四五六七八九十十二", num_images=1, image_tokens=4,
-                      progress=False)  # 12 tokens > max_text_len=8
-    short = pipe("一二三四五六七八", num_images=1, image_tokens=4, progress=False)
+                      progress=False).images  # 12 tokens > max_text_len=8
+    short = pipe("一二三四五六七八", num_images=1, image_tokens=4, progress=False).images
     assert pixels(images[0]) == pixels(short[0])  # truncated to the same 8 tokens
 
 
@@ -93,9 +97,9 @@ def test_pipeline_backs_off_on_out_of_memory_and_keeps_order(pipe, monkeypatch):
         return real(model, vocab, text_ids_list, *args, **kwargs)
 
     small = dict(num_images=3, seed=1, image_tokens=16, progress=False)
-    reference = pipe(PROMPTS, max_inference_batch_size=1, **small)
+    reference = pipe(PROMPTS, max_inference_batch_size=1, **small).per_prompt
     monkeypatch.setattr(sampling, "generate_images", limited)
-    images = pipe(PROMPTS, max_inference_batch_size=6, **small)
+    images = pipe(PROMPTS, max_inference_batch_size=6, **small).per_prompt
     assert sizes == [6, 3, 1, 1, 1, 1, 1, 1]  # 6 -> 3 -> 1, then 1 for the rest
     assert pipe.batch_sizer.size == 1 and pipe.batch_sizer.backoffs == 2
     assert [[pixels(i) for i in s] for s in images] == [[pixels(i) for i in s] for s in reference]

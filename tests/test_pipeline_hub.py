@@ -74,8 +74,8 @@ def test_save_pretrained_round_trips_and_push_to_hub_refuses_offline(pipe, tmp_p
     for name, value in pipe.model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], value), name
     assert loaded.text_tokenizer.fingerprint() == pipe.text_tokenizer.fingerprint()
-    assert pixels(loaded("红色", num_images=2, seed=3, image_tokens=16, progress=False)) == \
-        pixels(pipe("红色", num_images=2, seed=3, image_tokens=16, progress=False))
+    assert pixels(loaded("红色", num_images=2, seed=3, image_tokens=16, progress=False).images) \
+        == pixels(pipe("红色", num_images=2, seed=3, image_tokens=16, progress=False).images)
     assert card_metadata(saved)["library_name"] == "cogview"
     with pytest.raises(RuntimeError, match="offline mode.*HF_HUB_OFFLINE"):
         pipe.push_to_hub("shapes/cogview-t2i")
@@ -99,13 +99,15 @@ def test_generator_draws_the_seeds(pipe):
     small = dict(num_images=2, image_tokens=16, progress=False)
     base = int(torch.randint(0, 2**31 - 1, (), generator=torch.Generator().manual_seed(7)))
     from_generator = pipe("红色", generator=torch.Generator().manual_seed(7), **small)
-    assert pixels(from_generator) == pixels(pipe("红色", seed=base, **small))
+    assert from_generator.seeds == [base, base + 1]
+    assert pixels(from_generator.images) == pixels(pipe("红色", seed=base, **small).images)
     seeds = [int(torch.randint(0, 2**31 - 1, (), generator=torch.Generator().manual_seed(s)))
              for s in (1, 2)]
     per_image = pipe("红色", generator=[torch.Generator().manual_seed(s) for s in (1, 2)],
                      **small)
-    assert pixels(per_image) == [pixels(pipe("红色", seed=s, num_images=1, image_tokens=16,
-                                             progress=False))[0] for s in seeds]
+    assert per_image.seeds == seeds
+    assert pixels(per_image.images) == [pixels(pipe("红色", seed=s, num_images=1, image_tokens=16,
+                                                    progress=False).images)[0] for s in seeds]
     with pytest.raises(ValueError, match="seed= or generator="):
         pipe("红色", seed=1, generator=torch.Generator(), **small)
     with pytest.raises(ValueError, match="a list of 1 for 2 samples"):

@@ -124,7 +124,7 @@ def test_dropped_caption_equals_the_empty_caption_layout(assets, tmp_path, fixed
     pipe = task.pipeline("32-true")
     assert pipe.text_slots == slots
     image = pipe("左上角有一个大的红色圆形", num_images=1, top_k=1, image_tokens=16,
-                 progress=False)[0]
+                 progress=False).images[0]
     codes = generate_images(task.model, vocab, [text], 16, greedy=True, text_slots=slots)
     assert np.array_equal(np.asarray(image), np.asarray(pipe.decode_codes(codes.view(1, 4, 4))[0]))
 

@@ -64,12 +64,12 @@ def t2i_benchmark(pipe, reranker=None, splits=SPLITS, prompts_per_split: int = 6
         scenes = [p["scene"] for p in prompts]
         candidates = pipe(captions, num_images=num_candidates, seed=seed, top_k=top_k,
                           temperature=pool_temperature, max_inference_batch_size=batch_size,
-                          progress=progress)  # [prompt][candidate]
+                          progress=progress).per_prompt  # [prompt][candidate]
         first = [group[0] for group in candidates]
         if pool_temperature != temperature:
             first = [group[0] for group in pipe(
                 captions, num_images=1, seed=seed, top_k=top_k, temperature=temperature,
-                max_inference_batch_size=batch_size, progress=progress)]
+                max_inference_batch_size=batch_size, progress=progress).per_prompt]
         size = first[0].width
         real = [render_scene(scene, size) for scene in scenes]
         matches = [[bool(score_scene(read_scene(image), scene)["full_match"]) for image in group]
