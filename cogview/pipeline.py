@@ -439,7 +439,7 @@ class Pipeline:
         tracker = TokenProgress(callback, len(requests) * image_tokens)
 
         def draw(chunk: list[SampleRequest]) -> list[Image.Image]:
-            from cogview.generation.sampling import generate_images
+            from cogview.generation.drivers import generate_images
 
             codes = generate_images(
                 self.model, self.vocab, [r.text_ids for r in chunk], image_tokens,
@@ -500,7 +500,7 @@ class Pipeline:
         region: ``cogview.generation.completion.region_mask(region, height, width)`` gives
         those cells); sample i uses seed ``seed + i`` (or ``generator``, as in ``__call__``)."""
         from cogview.generation.completion import known_codes, region_mask
-        from cogview.generation.sampling import generate_images
+        from cogview.generation.drivers import generate_images
 
         check_count("num_images", num_images)
         seeds = sample_seeds(seed, generator, num_images)
@@ -683,7 +683,7 @@ class Pipeline:
         by beam search, not the greedy one."""
         from cogview.generation.beam import check_num_beams
 
-        from cogview.generation.sampling import generate_captions
+        from cogview.generation.drivers import generate_captions
 
         check_num_beams(num_beams, greedy or temperature == 0)
         if isinstance(images, (str, Path, Image.Image)):

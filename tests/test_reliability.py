@@ -15,7 +15,8 @@ from lightning.pytorch.callbacks import Callback
 from cogview.callbacks.checkpoint import remove_stale_temporaries
 from cogview.export import export_checkpoint
 from cogview.export import main as export_main
-from cogview.generation.sampling import NonFiniteLogitsError, generate_images
+from cogview.generation.drivers import generate_images
+from cogview.generation.sampling import NonFiniteLogitsError
 from cogview.modules.transformer import CogViewTransformer, TransformerConfig
 from cogview.safe_load import NonFiniteWeightsError, UnsafeCheckpointError, load_torch_file
 from cogview.tasks.sequence import checkpoint_state_dict

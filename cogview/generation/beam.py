@@ -22,8 +22,8 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from cogview.generation.interface import GenerativeModel
 from cogview.generation.sampling import (
     cache_dtype,
     check_generate_args,
@@ -49,7 +49,7 @@ def check_num_beams(num_beams, greedy: bool = True) -> None:
 
 
 @torch.inference_mode()
-def beam_search_span(model: nn.Module, prompts, span_kind: str | None, num_tokens: int,
+def beam_search_span(model: GenerativeModel, prompts, span_kind: str | None, num_tokens: int,
                      vocab: CogViewVocab, *, num_beams: int, stop_ids: Sequence[int] | None = None,
                      use_kv_cache: bool = True,
                      callback: Callable[[int, int], None] | None = None) -> torch.Tensor:

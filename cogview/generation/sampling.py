@@ -1,12 +1,14 @@
 """Autoregressive sampling from a CogViewTransformer: span-restricted, KV-cached, seeded per sample.
 
-Plain functions that drive the model (which owns its preallocated KV cache):
+The core loop, plain functions that drive any model with the interface of
+``cogview.generation.interface.GenerativeModel`` (the model owns its preallocated KV cache):
 
     sample_logits       logits [B, V'] -> indices [B]  (temperature, top-k, top-p, greedy)
+    span_logits         hidden states -> logits over one span's ids only
     generate_span       prompts -> the next `num_tokens` vocabulary ids of one image or text span
-    generate_images     t2i:     text ids -> image codes
-    generate_captions   caption: image codes -> text ids
-    generate_sr         sr:      text ids + low-res codes -> high-res codes
+
+The per-task drivers (t2i, captions, sr) build their prompts and call it:
+``cogview.generation.drivers``; beam search: ``cogview.generation.beam``.
 
 Span rule: inside an image span only image ids can be drawn and inside a text span only text
 ids (plus optional stop ids such as [SEP]), so logits are computed only for that slice of the
@@ -26,15 +28,9 @@ from contextlib import contextmanager
 from typing import Callable, Sequence
 
 import torch
-from torch import nn
 
-from cogview.tokenization.layouts import (
-    Layout,
-    caption_prompt,
-    collate_layouts,
-    sr_prompt,
-    t2i_prompt,
-)
+from cogview.generation.interface import GenerativeModel
+from cogview.tokenization.layouts import Layout, collate_layouts
 from cogview.tokenization.vocab import CogViewVocab
 
 SPAN_KINDS = ("image", "text")
@@ -221,7 +217,7 @@ def _guidance_batch(prompts, cond: PromptBatch, uncond_prompts, cfg_scale: float
 
 
 @contextmanager
-def generation_mode(model: nn.Module):
+def generation_mode(model: GenerativeModel):
     """Eval mode (no dropout) while sampling; restores the mode and frees the KV cache after."""
     was_training = model.training
     model.eval()
@@ -232,14 +228,14 @@ def generation_mode(model: nn.Module):
         model.train(was_training)
 
 
-def cache_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
+def cache_dtype(model: GenerativeModel, device: torch.device) -> torch.dtype:
     """The dtype keys and values are computed in: the autocast dtype when autocast is on."""
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return next(model.parameters()).dtype
 
 
-def span_logits(model: nn.Module, hidden: torch.Tensor, span_range: tuple[int, int],
+def span_logits(model: GenerativeModel, hidden: torch.Tensor, span_range: tuple[int, int],
                 stop_ids: Sequence[int] = ()) -> torch.Tensor:
     """Final hidden states [N, C] -> logits [N, (hi - lo) + len(stop_ids)]: the span's ids,
     then the stop ids (one embedding row each, so far cheaper than the full vocabulary).
@@ -265,7 +261,7 @@ class NonFiniteLogitsError(FloatingPointError):
     """Logits with NaN or inf values during generation or scoring."""
 
 
-def decode_buffers(model: nn.Module, batch: PromptBatch, num_tokens: int, pad_id: int,
+def decode_buffers(model: GenerativeModel, batch: PromptBatch, num_tokens: int, pad_id: int,
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The whole sequence of each left-padded prompt row, prompt then the ``num_tokens`` to come:
     ids (pad where not yet generated), position ids and key mask, each [N, prompt_len + num_tokens].
@@ -327,7 +323,7 @@ def check_generate_args(model, vocab: CogViewVocab, span_kind: str, num_tokens: 
 
 
 @torch.inference_mode()
-def generate_span(model: nn.Module, prompts, span_kind: str | None, num_tokens: int,
+def generate_span(model: GenerativeModel, prompts, span_kind: str | None, num_tokens: int,
                   vocab: CogViewVocab, *, temperature: float = 1.0, top_k: int | None = 200,
                   top_p: float = 1.0, seeds: Sequence[int] | None = None, greedy: bool = False,
                   stop_ids: Sequence[int] | None = None, cfg_scale: float = 1.0,
@@ -424,110 +420,3 @@ def generate_span(model: nn.Module, prompts, span_kind: str | None, num_tokens: 
                 hidden = model(ids[:, end:end + 1], positions[:, end:end + 1], mask[:, :end + 1],
                                start_pos=end, return_hidden=True)[:, -1]  # (N, C)
     return out
-
-
-# ------------------------------------------------------------------------------------------------
-# per task
-
-
-def _check_same_length(name_a: str, a: Sequence, name_b: str, b: Sequence) -> None:
-    if len(a) != len(b):
-        raise ValueError(f"{name_a} has {len(a)} entries but {name_b} has {len(b)}; "
-                         "pass one per sample")
-
-
-def generate_images(model: nn.Module, vocab: CogViewVocab, text_ids_list: Sequence,
-                    image_tokens: int, seeds: Sequence[int] | None = None, *,
-                    temperature: float = 1.0, top_k: int | None = 200, top_p: float = 1.0,
-                    greedy: bool = False, cfg_scale: float = 1.0,
-                    max_text_len: int | None = None, known_codes: torch.Tensor | None = None,
-                    callback: Callable[[int, int], None] | None = None,
-                    text_slots: int | None = None) -> torch.Tensor:
-    """t2i: tokenizer-space text ids per sample -> image codes [B, image_tokens] in [0, K).
-
-    The prompt is ``[ROI1] text [BASE] [BOI1]``; with cfg_scale != 1 the unconditional prompt
-    is the same with an empty caption. known_codes [B, image_tokens] (codes, -1 = generate)
-    keeps those codes in place: image completion.
-    """
-    if isinstance(image_tokens, bool) or not isinstance(image_tokens, int) or image_tokens < 1:
-        raise ValueError(f"image_tokens={image_tokens!r} must be a positive int (h * w codes)")
-    prompts = [t2i_prompt(vocab, text, max_text_len=max_text_len, text_slots=text_slots)
-               for text in text_ids_list]
-    ids = generate_span(model, prompts, "image", image_tokens, vocab, temperature=temperature,
-                        top_k=top_k, top_p=top_p, seeds=seeds, greedy=greedy, cfg_scale=cfg_scale,
-                        known=_known_ids(vocab, known_codes), callback=callback)
-    return ids - vocab.image_range[0]
-
-
-def _known_ids(vocab: CogViewVocab, known_codes: torch.Tensor | None) -> torch.Tensor | None:
-    """Image codes with -1 for unknown -> vocabulary ids with -1 for unknown."""
-    if known_codes is None:
-        return None
-    known_codes = torch.as_tensor(known_codes).long()
-    return torch.where(known_codes >= 0, known_codes + vocab.image_range[0], known_codes)
-
-
-def generate_captions(model: nn.Module, vocab: CogViewVocab, image_codes_list: Sequence,
-                      max_len: int, seeds: Sequence[int] | None = None, *, greedy: bool = True,
-                      stop_id: int | str | None = None, temperature: float = 1.0,
-                      top_k: int | None = 200, top_p: float = 1.0,
-                      text_slots: int | None = None, num_beams: int = 1) -> list[list[int]]:
-    """caption: image codes per sample -> up to ``max_len`` tokenizer-space text ids each.
-
-    The prompt is ``[BASE] [BOI1] image [EOI1] [ROI1]``. ``stop_id`` (an id or a command
-    name such as "[SEP]", for a captioner trained with that end token) ends a caption early;
-    it is not part of the returned ids. ``num_beams`` > 1: the most likely caption found by
-    beam search (``cogview.generation.beam``) instead of greedy decoding or sampling.
-    """
-    from cogview.generation.beam import beam_search_span, check_num_beams
-
-    check_num_beams(num_beams, greedy or temperature == 0)
-    if isinstance(stop_id, str):
-        stop_id = vocab.command(stop_id)
-    prompts = [caption_prompt(vocab, codes, text_slots=text_slots) for codes in image_codes_list]
-    stop_ids = None if stop_id is None else [stop_id]
-    if num_beams > 1:
-        ids = beam_search_span(model, prompts, "text", max_len, vocab, num_beams=num_beams,
-                               stop_ids=stop_ids)
-    else:
-        ids = generate_span(model, prompts, "text", max_len, vocab, temperature=temperature,
-                            top_k=top_k, top_p=top_p, seeds=seeds, greedy=greedy,
-                            stop_ids=stop_ids)
-    captions = []
-    for row in ids.tolist():
-        text = []
-        for token in row:
-            if not vocab.is_text(token):  # the stop id, then padding
-                break
-            text.append(token - vocab.num_image_codes)
-        captions.append(text)
-    return captions
-
-
-def generate_sr(model: nn.Module, vocab: CogViewVocab, text_ids_list: Sequence,
-                lowres_codes_list: Sequence, hr_tokens: int, seeds: Sequence[int] | None = None, *,
-                windows: int | Sequence[int] = 0, temperature: float = 1.0,
-                top_k: int | None = 200, top_p: float = 1.0, greedy: bool = False,
-                cfg_scale: float = 1.0, max_text_len: int | None = None,
-                known_codes: torch.Tensor | None = None,
-                callback: Callable[[int, int], None] | None = None,
-                text_slots: int | None = None) -> torch.Tensor:
-    """sr: caption + low-res codes per sample -> high-res codes LongTensor [B, hr_tokens] in [0, K).
-
-    ``windows``: the [POS<w>] window (0..8) of every sample, or one per sample.
-    ``known_codes`` [B, hr_tokens] (-1 = generate): high-res codes already fixed, e.g. by the
-    overlapping windows of ``cogview.generation.superres.sliding_window_sr``.
-    """
-    if isinstance(hr_tokens, bool) or not isinstance(hr_tokens, int) or hr_tokens < 1:
-        raise ValueError(f"hr_tokens={hr_tokens!r} must be a positive int (h * w high-res codes)")
-    _check_same_length("text_ids_list", text_ids_list, "lowres_codes_list", lowres_codes_list)
-    if isinstance(windows, int):
-        windows = [windows] * len(text_ids_list)
-    _check_same_length("text_ids_list", text_ids_list, "windows", windows)
-    prompts = [sr_prompt(vocab, text, lowres, window=window, max_text_len=max_text_len,
-                         text_slots=text_slots)
-               for text, lowres, window in zip(text_ids_list, lowres_codes_list, windows)]
-    ids = generate_span(model, prompts, "image", hr_tokens, vocab, temperature=temperature,
-                        top_k=top_k, top_p=top_p, seeds=seeds, greedy=greedy, cfg_scale=cfg_scale,
-                        known=_known_ids(vocab, known_codes), callback=callback)
-    return ids - vocab.image_range[0]

@@ -15,8 +15,8 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from cogview.generation.interface import GenerativeModel
 from cogview.generation.sampling import span_logits
 from cogview.modules.losses import check_loss_vocab
 from cogview.tokenization.layouts import caption_layout, collate_layouts
@@ -24,7 +24,7 @@ from cogview.tokenization.vocab import CogViewVocab
 
 
 @torch.inference_mode()
-def caption_log_likelihood(model: nn.Module, vocab: CogViewVocab, image_codes_list: Sequence,
+def caption_log_likelihood(model: GenerativeModel, vocab: CogViewVocab, image_codes_list: Sequence,
                            text_ids_list: Sequence, *,
                            max_text_len: int | None = None,
                            text_slots: int | None = None, loss_vocab: str = "full",

@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cogview.generation.sampling import generate_sr, generation_mode
+from cogview.generation.drivers import generate_sr
+from cogview.generation.interface import GenerativeModel
+from cogview.generation.sampling import generation_mode
 from cogview.tokenization.layouts import collate_layouts, sr_layout
 from cogview.tokenization.vocab import CogViewVocab
 
@@ -89,7 +91,7 @@ def _square_grids(lowres_grids, text_ids_list: Sequence) -> tuple[torch.Tensor, 
 
 
 @torch.inference_mode()
-def sliding_window_sr(model: nn.Module, vocab: CogViewVocab, text_ids_list: Sequence,
+def sliding_window_sr(model: GenerativeModel, vocab: CogViewVocab, text_ids_list: Sequence,
                       lowres_grids: torch.Tensor, window: int, seeds: Sequence[int] | None = None,
                       *, temperature: float = 1.0, top_k: int | None = 200, top_p: float = 1.0,
                       greedy: bool = False, max_text_len: int | None = None,
@@ -130,7 +132,7 @@ def sliding_window_sr(model: nn.Module, vocab: CogViewVocab, text_ids_list: Sequ
 # consistency refinement: the model proposes codes, the low-res input picks among them
 
 @torch.inference_mode()
-def sr_code_candidates(model: nn.Module, vocab: CogViewVocab, text_ids_list: Sequence,
+def sr_code_candidates(model: GenerativeModel, vocab: CogViewVocab, text_ids_list: Sequence,
                        lowres_grids: torch.Tensor, highres: torch.Tensor, window: int,
                        num_candidates: int, *, max_text_len: int | None = None,
                        text_slots: int | None = None) -> torch.Tensor:
