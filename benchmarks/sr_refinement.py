@@ -40,8 +40,8 @@ from benchmarks.common import (RESULTS_DIR, machine_info, parse_exports,  # noqa
 from cogview.data.shapes import eval_prompts, render_scene  # noqa: E402
 from cogview.eval import metrics  # noqa: E402
 from cogview.eval.shapes_bench import SPLIT_NAMES, SPLITS  # noqa: E402
-from cogview.generation.superres import (codebook_candidates, refine_sr_codes,  # noqa: E402
-                                         sliding_window_sr, sr_code_candidates)
+from cogview.generation.superres import (SRSettings, codebook_candidates,  # noqa: E402
+                                         refine_sr_codes, sr_proposals)
 from cogview.modules.vqvae import pil_to_tensor  # noqa: E402
 from cogview.pipeline import Pipeline  # noqa: E402
 
@@ -92,13 +92,12 @@ def main() -> None:
             with torch.inference_mode(), torch.autocast(pipe.device.type, torch.bfloat16,
                                                         enabled=pipe.precision == "bf16-mixed"):
                 begin = time.perf_counter()
-                sampled = sliding_window_sr(pipe.model, pipe.vocab, texts, lowres, pipe.sr_window,
-                                            greedy=True, max_text_len=pipe.max_text_len,
-                                            text_slots=pipe.text_slots)
-                proposals = sr_code_candidates(pipe.model, pipe.vocab, texts, lowres, sampled,
-                                               pipe.sr_window, args.candidates,
-                                               max_text_len=pipe.max_text_len,
-                                               text_slots=pipe.text_slots)
+                # the algorithm Pipeline.super_resolve runs, stopped before its refinement
+                sampled, proposals = sr_proposals(
+                    pipe.model, pipe.vocab, pipe.image_tokenizer, texts, lowres, pixels,
+                    pipe.sr_window, None, SRSettings(greedy=True, refine_sweeps=1,
+                                                     refine_candidates=args.candidates),
+                    max_text_len=pipe.max_text_len, text_slots=pipe.text_slots)
                 sample_seconds = time.perf_counter() - begin
                 model_curve, model_seconds = refine_curve(pipe, sampled, proposals, pixels,
                                                           args.sweeps, targets, decoded)

@@ -559,13 +559,14 @@ class Pipeline:
         nearest to the VQ-VAE's latents of the bicubic upsample.
         """
         from cogview.data.images import load_image, resize_center_crop, to_rgb
-        from cogview.generation.superres import (check_refine_args, codebook_candidates,
-                                                 plan_sr_windows, refine_sr_codes,
-                                                 sliding_window_sr, sr_code_candidates)
+        from cogview.generation.superres import (SRSettings, check_refine_args,
+                                                 plan_sr_windows, super_resolve_codes)
         from cogview.modules.vqvae import pil_to_tensor
 
         check_refine_args(refine_sweeps, refine_candidates, refine_codebook,
                           num_codes=self.vocab.num_image_codes)
+        settings = SRSettings(temperature, top_k, top_p, greedy, refine_sweeps,
+                              refine_candidates, refine_codebook)
 
         images, prompt_list = pair_prompts(images, prompts, "super-resolve")
         seeds = sample_seeds(seed, generator, len(images))
@@ -589,25 +590,12 @@ class Pipeline:
         indexed = list(range(len(images)))
 
         def draw(chunk: list[int]) -> list[Image.Image]:
-            chunk_texts = [texts[i] for i in chunk]
-            highres = sliding_window_sr(
-                self.model, self.vocab, chunk_texts, lowres[chunk], self.sr_window,
-                [seeds[i] for i in chunk], temperature=temperature, top_k=top_k, top_p=top_p,
-                greedy=greedy, max_text_len=self.max_text_len, text_slots=self.text_slots,
-                callback=tracker.chunk(len(chunk), per_image))
-            if refine_sweeps:
-                pixels = torch.stack([pil_to_tensor(pictures[i]) for i in chunk])
-                candidates = sr_code_candidates(
-                    self.model, self.vocab, chunk_texts, lowres[chunk], highres, self.sr_window,
-                    refine_candidates, max_text_len=self.max_text_len, text_slots=self.text_slots)
-                if refine_codebook:
-                    candidates = torch.cat([candidates, codebook_candidates(
-                        self.image_tokenizer, pixels, refine_codebook)], -1)
-                highres = refine_sr_codes(
-                    self.image_tokenizer.decode, highres,  # decode moves codes to the VQ-VAE
-                    candidates, pixels, sweeps=refine_sweeps,
-                    max_decode_batch=len(chunk),  # no more at once than the final decode
-                    callback=tracker.chunk(len(chunk), per_image))
+            highres = super_resolve_codes(
+                self.model, self.vocab, self.image_tokenizer, [texts[i] for i in chunk],
+                lowres[chunk], torch.stack([pil_to_tensor(pictures[i]) for i in chunk]),
+                self.sr_window, [seeds[i] for i in chunk], settings,
+                max_text_len=self.max_text_len, text_slots=self.text_slots,
+                progress=lambda stage: tracker.chunk(len(chunk), per_image))
             return self.decode_codes(highres)
 
         self.batch_sizer = BatchSizer(max_inference_batch_size)

@@ -282,3 +282,74 @@ def refine_sr_codes(decode: Callable[[torch.Tensor], torch.Tensor], codes: torch
     if callback is not None:
         callback(total, total)
     return current
+
+
+# ------------------------------------------------------------------------------------------------
+# the whole algorithm: sample -> candidates -> refine (decoding is the caller's)
+
+
+@dataclass
+class SRSettings:
+    """How to super-resolve: sampling (``greedy`` takes the most likely code) and refinement
+    (``refine_sweeps`` 0 keeps the sampled codes; ``refine_candidates`` of the model's,
+    ``refine_codebook`` nearest codebook entries)."""
+
+    temperature: float = 1.0
+    top_k: int | None = 200
+    top_p: float = 1.0
+    greedy: bool = False
+    refine_sweeps: int = 2
+    refine_candidates: int = 8
+    refine_codebook: int = 0
+
+
+def sr_proposals(model: GenerativeModel, vocab: CogViewVocab, vqvae: nn.Module,
+                 text_ids_list: Sequence, lowres: torch.Tensor, pixels: torch.Tensor,
+                 window: int, seeds: Sequence[int] | None, settings: SRSettings, *,
+                 max_text_len: int | None = None, text_slots: int | None = None,
+                 callback: Callable[[int, int], None] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sampled high-res codes [B, 2L, 2L] (sliding windows) and the refinement's candidates
+    [B, 2L, 2L, K] (the model's most likely codes, then the codebook's nearest), or None when
+    no refinement runs."""
+    sampled = sliding_window_sr(model, vocab, text_ids_list, lowres, window, seeds,
+                                temperature=settings.temperature, top_k=settings.top_k,
+                                top_p=settings.top_p, greedy=settings.greedy,
+                                max_text_len=max_text_len, callback=callback,
+                                text_slots=text_slots)
+    if not settings.refine_sweeps:
+        return sampled, None
+    candidates = sr_code_candidates(model, vocab, text_ids_list, lowres, sampled, window,
+                                    settings.refine_candidates, max_text_len=max_text_len,
+                                    text_slots=text_slots)
+    if settings.refine_codebook:
+        candidates = torch.cat([candidates, codebook_candidates(vqvae, pixels,
+                                                                settings.refine_codebook)], -1)
+    return sampled, candidates
+
+
+def super_resolve_codes(model: GenerativeModel, vocab: CogViewVocab, vqvae: nn.Module,
+                        text_ids_list: Sequence, lowres: torch.Tensor, pixels: torch.Tensor,
+                        window: int, seeds: Sequence[int] | None, settings: SRSettings, *,
+                        max_text_len: int | None = None, text_slots: int | None = None,
+                        progress: Callable[[str], Callable[[int, int], None]] | None = None
+                        ) -> torch.Tensor:
+    """Token-space 2x super-resolution, the whole algorithm: low-res codes [B, L, L] of the
+    input pixels [B, 3, 8L, 8L] (+ a caption each) -> high-res codes [B, 2L, 2L], sampled
+    window by window and refined against the pixels. ``Pipeline.super_resolve`` (and through
+    it ``cogview infer task=sr`` and the app) and the sr benchmarks run it.
+
+    progress: called with "sample", then "refine", as each stage starts; it returns that
+    stage's ``callback(done, total)``."""
+    check_refine_args(settings.refine_sweeps, settings.refine_candidates,
+                      settings.refine_codebook, num_codes=vocab.num_image_codes)
+    sampled, candidates = sr_proposals(model, vocab, vqvae, text_ids_list, lowres, pixels,
+                                       window, seeds, settings, max_text_len=max_text_len,
+                                       text_slots=text_slots,
+                                       callback=progress("sample") if progress else None)
+    if candidates is None:
+        return sampled
+    return refine_sr_codes(vqvae.decode, sampled, candidates, pixels,  # decode moves the codes
+                           sweeps=settings.refine_sweeps,
+                           max_decode_batch=len(text_ids_list),  # as many as the final decode
+                           callback=progress("refine") if progress else None)
