@@ -348,8 +348,8 @@ def read_images(cfg: DictConfig, paths: list[Path], prepare) -> list[tuple[dict,
 def shard_codes(spec: str, limit: int | None) -> list[tuple[dict, object]]:
     """(row, code grid) per sample of pretokenized shards (``python -m cogview.data.pretokenize``),
     in shard order, at most ``limit``; a sample or shard that cannot be read gets an error row."""
-    from cogview.data.datamodule import BadSample, decode_sample, resolve_shards
-    from cogview.data.sources import TarProblem, read_tar
+    from cogview.data.shards import BadSample, decode_sample, resolve_shards
+    from cogview.data.tar_reader import TarProblem, read_tar
 
     items: list[tuple[dict, object]] = []
     for url in resolve_shards(spec).urls:

@@ -21,7 +21,7 @@ from cogview.data.datamodule import (
 )
 from cogview.data.fingerprint import TokenizerMismatchError, image_tokenizer_fingerprint
 from cogview.data.pretokenize import pretokenize
-from cogview.data.sources import read_tar
+from cogview.data.tar_reader import read_tar
 from cogview.modules.vqvae import VQVAE, VQVAEConfig
 from cogview.tokenization import build_text_tokenizer, collate_layouts
 from cogview.training import register_resolvers

@@ -271,8 +271,8 @@ def test_infer_caption_reads_codes_from_pretokenized_shards(exports, tmp_path):
     assert rows[3]["shard"].endswith("000001.tar")  # the second shard
     # the codes in the shard are the image's codes: captioning the decoded image agrees
     from cogview import Pipeline
-    from cogview.data.datamodule import decode_sample
-    from cogview.data.sources import read_tar
+    from cogview.data.shards import decode_sample
+    from cogview.data.tar_reader import read_tar
 
     record = next(read_tar(rows[0]["shard"]))
     codes = torch.from_numpy(decode_sample(record.members, record.key, False).image_codes.astype("int64"))

@@ -86,3 +86,14 @@ def test_wheel_installs_and_runs_from_outside_the_checkout(tmp_path):
     assert list((work / "samples").glob("**/*.png"))
     python_m = run(str(venv / "bin" / "python"), "-m", "cogview", "export", "--help")
     assert "usage: cogview export" in python_m
+
+
+def test_inference_and_shard_reading_do_not_import_lightning():
+    """Lightning lives at the edges: inference, shard sets, the stream and the tar reader are
+    usable without it (the DataModule is the thin Lightning layer over them)."""
+    code = ("import sys, cogview.inference, cogview.data.shards, cogview.data.stream, "
+            "cogview.data.tar_reader; "
+            "assert not [m for m in sys.modules if m.split('.')[0] in "
+            "('lightning', 'pytorch_lightning')], sorted(sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -26,7 +26,7 @@ from cogview.data.pretokenize import (
     pretokenize,
 )
 from cogview.data.shapes import render_scene, sample_scene
-from cogview.data.sources import read_tar
+from cogview.data.tar_reader import read_tar
 from cogview.modules.vqvae import VQVAE, VQVAEConfig
 from cogview.tokenization import build_text_tokenizer
 from tests.helpers import CONF_DIR, ROOT

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from cogview.data import pretokenize as pretokenize_module
 from cogview.data import sources
 from cogview.data.images import DEFAULT_MAX_PIXELS
-from cogview.data.sources import DEFAULT_MAX_MEMBER_BYTES, TarRecord, read_tar
+from cogview.data.tar_reader import DEFAULT_MAX_MEMBER_BYTES, TarRecord, read_tar
 from tests.helpers import CONF_DIR, make_vqvae
 from tests.test_pretokenize import read_samples, run, shapes_png, tar_bytes
 

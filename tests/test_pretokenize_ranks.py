@@ -10,7 +10,7 @@ import time
 import pytest
 
 from cogview.data import sources
-from cogview.data.datamodule import resolve_shards
+from cogview.data.shards import resolve_shards
 from cogview.data.pretokenize import distributed_position
 from tests.helpers import ROOT, make_vqvae
 from tests.test_pretokenize import read_samples, run, shapes_png, tar_bytes

@@ -52,7 +52,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from cogview.data.pretokenize import NoUsableSamplesError, Pretokenizer
-from cogview.data.sources import BLOCKSIZE, TarProblem, TarRecord, read_tar, split_member_name
+from cogview.data.tar_reader import BLOCKSIZE, TarProblem, TarRecord, read_tar, split_member_name
 from tests.helpers import CONF_DIR, make_vqvae
 from tests.test_pretokenize import read_samples, shapes_png, tar_bytes
 from tests.test_pretokenize_faults import deadline, with_checksum

@@ -76,7 +76,6 @@ from cogview.config import CONF_DIR
 from cogview.data.fingerprint import image_tokenizer_fingerprint
 from cogview.data.images import DEFAULT_MAX_PIXELS, resize_center_crop
 from cogview.data.sources import (
-    DEFAULT_MAX_MEMBER_BYTES,
     SKIP_REASONS,
     LoadedSample,
     RawSample,
@@ -84,6 +83,7 @@ from cogview.data.sources import (
     build_source,
     not_utf8_message,
 )
+from cogview.data.tar_reader import DEFAULT_MAX_MEMBER_BYTES
 
 log = logging.getLogger("cogview.pretokenize")
 
