@@ -43,11 +43,12 @@ from PIL import Image, UnidentifiedImageError  # noqa: E402
 from cogview.config import CONF_DIR  # noqa: E402
 from cogview.data.images import (DEFAULT_MAX_PIXELS, ImageDecodeError, load_image,  # noqa: E402
                                  resize_center_crop)
+from cogview.exports import find_exports  # noqa: E402
 from cogview.inference import write_rows  # noqa: E402
-from cogview.pipeline import Pipeline, find_exports, grid_side  # noqa: E402
+from cogview.pipeline import Pipeline, grid_side  # noqa: E402
+from cogview.tokenization.layouts import TASKS  # noqa: E402
 
 log = logging.getLogger("cogview.app")
-TASKS = ("t2i", "caption", "sr")
 MAX_SEED = 2**31 - 1
 HOW_TO_GET = {
     "t2i": "run `make demo` (it exports artifacts/demo/t2i) or `python train.py task=t2i ...`, "

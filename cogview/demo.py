@@ -25,9 +25,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cogview.cpu import cpu_summary
-from cogview.precision import auto_precision
 from cogview.config import compose_config
+from cogview.cpu import cpu_summary
+from cogview.exports import EXPORT_CONFIG
+from cogview.precision import auto_precision
+from cogview.tokenization.layouts import TASKS
 from cogview.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +114,7 @@ def evaluate(demo: DictConfig, exports: dict[str, Path], report_dir: Path) -> di
 
 def read_curves(runs_dir: Path) -> dict[str, list[dict]]:
     """{task: ShapesOracleEval points} for the demo's runs that wrote oracle_curve.json."""
-    files = {task: runs_dir / task / "oracle_curve.json" for task in ("t2i", "caption", "sr")}
+    files = {task: runs_dir / task / "oracle_curve.json" for task in TASKS}
     return {task: json.loads(path.read_text()) for task, path in files.items() if path.is_file()}
 
 
@@ -198,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     artifacts, report_dir, runs_dir = Path(demo.artifacts_dir), Path(demo.report_dir), Path(demo.runs_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     vqvae, shards, sr_shards = artifacts / "vqvae", artifacts / "shards", artifacts / "shards-sr"
-    exports = {task: artifacts / task for task in ("t2i", "caption", "sr")}
+    exports = {task: artifacts / task for task in TASKS}
     timings = {
         "VQ-VAE": stage("train the VQ-VAE", vqvae / "model.safetensors",
                         lambda: train_vqvae(demo, vqvae)),
@@ -210,12 +212,12 @@ def main(argv: list[str] | None = None) -> int:
             "pretokenize shapes-zh (128 px, sr)", sr_shards / "manifest.json",
             lambda: pretokenize_shapes(demo, vqvae, sr_shards, 128, demo.data.sr_samples,
                                        demo.data.sr_shard_size, sr=True)),
-        "t2i": stage("train t2i", exports["t2i"] / "cogview.json",
+        "t2i": stage("train t2i", exports["t2i"] / EXPORT_CONFIG,
                      lambda: train_sequence_task(demo, "t2i", vqvae, shards, exports["t2i"])),
-        "caption": stage("fine-tune caption from t2i", exports["caption"] / "cogview.json",
+        "caption": stage("fine-tune caption from t2i", exports["caption"] / EXPORT_CONFIG,
                          lambda: train_sequence_task(demo, "caption", vqvae, shards,
                                                      exports["caption"], exports["t2i"])),
-        "sr": stage("fine-tune sr from t2i", exports["sr"] / "cogview.json",
+        "sr": stage("fine-tune sr from t2i", exports["sr"] / EXPORT_CONFIG,
                     lambda: train_sequence_task(demo, "sr", vqvae, sr_shards, exports["sr"],
                                                 exports["t2i"])),
     }

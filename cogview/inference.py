@@ -575,7 +575,7 @@ def evaluate_exports(cfg: DictConfig, shards: Shards) -> Path:
     with t2i/, caption/, sr/ such as artifacts/demo) -> eval.json, report.md and pictures."""
     from cogview.eval.shapes_bench import run
     from cogview.generation.superres import check_refine_args
-    from cogview.pipeline import find_exports
+    from cogview.exports import find_exports
 
     check_refine_args(cfg.sr_refine_sweeps)  # before t2i and caption spend their time
     exports = find_exports(cfg.ckpt)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from cogview.exports import EXPORT_CONFIG
+
 CARD_NAME = "README.md"
 SCORES_NAME = "eval_scores.json"  # the shapes-zh benchmark's results for this export's task
 PIPELINE_TAGS = {"t2i": "text-to-image", "caption": "image-to-text", "sr": "image-to-image"}
@@ -101,7 +103,7 @@ def write_model_card(directory: str | Path, scores: dict | None = None) -> Path:
     if scores is not None:
         (directory / SCORES_NAME).write_text(json.dumps(scores, indent=1, ensure_ascii=False),
                                              encoding="utf-8")
-    info = _read_json(directory / "cogview.json")
+    info = _read_json(directory / EXPORT_CONFIG)
     config = _read_json(directory / "config.json")
     path = directory / CARD_NAME
     path.write_text(render_model_card(info, config, _read_json(directory / SCORES_NAME)),

@@ -15,7 +15,6 @@ an image depends only on (seed, prompt, sample index), never on the batch it ran
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import re
@@ -27,45 +26,20 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 
+from cogview.exports import (
+    EXPORT_CONFIG,
+    IMAGE_TOKENIZER_DIR,
+    TEXT_TOKENIZER_DIR,
+    read_export_info,
+    write_export_info,
+)
 from cogview.generation.batching import BatchSizer, run_in_batches
 from cogview.precision import AUTO, AUTOCAST_DTYPES, resolve_precision, warn_if_emulated
 
 log = logging.getLogger(__name__)
-EXPORT_CONFIG = "cogview.json"
 DEFAULT_IMAGE_TOKENS = 64  # an 8x8 code grid: 64x64 pixels, what the shapes-zh recipes train on
 DTYPES = {None: None, "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-
-
-EXPORT_TASKS = ("t2i", "caption", "sr")
-
-
-def find_exports(path: str | Path) -> dict[str, Path]:
-    """``path`` -> {task: export dir}: one export directory (its cogview.json names the task) or
-    a folder holding t2i/, caption/ and sr/ exports (the ``make demo`` artifacts/demo layout)."""
-    root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{path} is not a directory: pass an export directory "
-                                "(<run>/export) or a folder with t2i/, caption/, sr/ exports "
-                                "(`make demo` writes artifacts/demo)")
-    candidates = [root] if (root / EXPORT_CONFIG).is_file() else [root / t for t in EXPORT_TASKS]
-    found: dict[str, Path] = {}
-    for directory in candidates:
-        if not (directory / EXPORT_CONFIG).is_file():
-            continue
-        task = json.loads((directory / EXPORT_CONFIG).read_text(encoding="utf-8")).get("task")
-        if task not in EXPORT_TASKS:
-            raise ValueError(f"{directory / EXPORT_CONFIG} says task={task!r}; expected one of "
-                             f"{EXPORT_TASKS}")
-        if directory != root and task != directory.name:
-            raise ValueError(f"{directory} holds a {task} export; move it to {root / task}")
-        found[task] = directory
-    if not found:
-        raise FileNotFoundError(
-            f"{path} holds no cogview export (looked for {EXPORT_CONFIG} in it and in its "
-            f"{', '.join(t + '/' for t in EXPORT_TASKS)} folders); train one with "
-            "`python train.py task=t2i` (it exports to <run>/export) or run `make demo`")
-    return found
 
 
 def resolve_export(name_or_path: str | Path, revision: str | None = None,
@@ -285,16 +259,12 @@ class Pipeline:
             dtype = torch_dtype
         export_dir = resolve_export(name_or_path, revision=revision, cache_dir=cache_dir,
                                     local_files_only=local_files_only, token=token)
-        info_path = export_dir / EXPORT_CONFIG
-        if not info_path.is_file():
-            raise FileNotFoundError(
-                f"{info_path} not found: {export_dir} is not a cogview export directory "
-                "(train.py task=t2i|caption writes one to <run>/export)")
-        info = json.loads(info_path.read_text(encoding="utf-8"))
+        info = read_export_info(export_dir)
         vocab = CogViewVocab.from_dict(info["vocab"])
-        text_dir = export_dir / info.get("text_tokenizer", "text_tokenizer")
+        text_dir = export_dir / info.get("text_tokenizer", TEXT_TOKENIZER_DIR)
         text_tokenizer = load_text_tokenizer(text_dir)
-        image_tokenizer = VQVAE.from_pretrained(export_dir / info.get("image_tokenizer", "vqvae"))
+        image_tokenizer = VQVAE.from_pretrained(
+            export_dir / info.get("image_tokenizer", IMAGE_TOKENIZER_DIR))
         weight_dtype = resolve_dtype(dtype)
         if weight_dtype is not None and torch.device(device).type == "cpu":
             warn_if_emulated(weight_dtype, f"dtype={dtype}")
@@ -337,11 +307,10 @@ class Pipeline:
 
         directory = Path(directory)
         self.model.save_pretrained(directory)
-        self.text_tokenizer.save(directory / "text_tokenizer")
-        self.image_tokenizer.save_pretrained(directory / "vqvae")
-        info = {**self.info, "text_tokenizer": "text_tokenizer", "image_tokenizer": "vqvae"}
-        (directory / EXPORT_CONFIG).write_text(json.dumps(info, indent=2, ensure_ascii=False),
-                                               encoding="utf-8")
+        self.text_tokenizer.save(directory / TEXT_TOKENIZER_DIR)
+        self.image_tokenizer.save_pretrained(directory / IMAGE_TOKENIZER_DIR)
+        write_export_info(directory, {**self.info, "text_tokenizer": TEXT_TOKENIZER_DIR,
+                                      "image_tokenizer": IMAGE_TOKENIZER_DIR})
         write_model_card(directory)
         return directory
 

@@ -310,7 +310,7 @@ def test_upload_checks(handlers, tmp_path):
 
 
 def test_find_exports_layouts_and_errors(exports, tmp_path):
-    from cogview.pipeline import find_exports
+    from cogview.exports import find_exports
 
     assert find_exports(exports) == {task: exports / task for task in ("t2i", "caption", "sr")}
     assert find_exports(exports / "caption") == {"caption": exports / "caption"}

@@ -13,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image, ImageFile
 
-from tests.helpers import CONF_DIR, ROOT, make_exports, make_sr_export
+from tests.helpers import CONF_DIR, make_exports, make_sr_export
 from tests.test_infer import infer_in_process as infer
 from tests.test_infer import read_rows
 

@@ -24,10 +24,10 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
+from cogview.tokenization.layouts import TASKS
 from cogview.visualize import image_grid
 
 SPLITS = ("seen", "heldout", "two")
-TASKS = ("t2i", "caption", "sr")
 
 
 class ShapesOracleEval(Callback):

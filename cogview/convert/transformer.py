@@ -34,6 +34,7 @@ import torch
 import yaml
 
 from cogview.config import CONF_DIR
+from cogview.exports import IMAGE_TOKENIZER_DIR, TEXT_TOKENIZER_DIR, write_export_info
 from cogview.model_card import write_model_card
 from cogview.convert.checkpoint import (
     CheckpointError,
@@ -48,7 +49,6 @@ from cogview.tokenization.vocab import CogViewVocab
 
 log = logging.getLogger(__name__)
 
-EXPORT_CONFIG = "cogview.json"  # what Pipeline.from_pretrained reads
 LAYER_KEY = re.compile(r"transformer\.layers\.(\d+)\.(.+)")
 LAYER_PARTS = tuple(f"{module}.{param}" for module in (
     "input_layernorm", "attention.query_key_value", "attention.dense", "third_layernorm",
@@ -272,7 +272,7 @@ def convert_transformer(src: str | Path, out: str | Path, vqvae: str | Path | No
     out = Path(out)
     path = find_model_states(src)
     text_tokenizer = load_tokenizer(tokenizer)  # fail on bad arguments before the big load
-    vqvae_dir = prepare_vqvae(vqvae, out / "vqvae", trust_pickle)
+    vqvae_dir = prepare_vqvae(vqvae, out / IMAGE_TOKENIZER_DIR, trust_pickle)
     num_codes = int(json.loads((vqvae_dir / "config.json").read_text())["num_codes"])
     vocab = CogViewVocab.for_tokenizer(text_tokenizer, num_codes)
     if caption_end_token is not None and caption_end_token not in vocab.commands:
@@ -297,21 +297,20 @@ def convert_transformer(src: str | Path, out: str | Path, vqvae: str | Path | No
                         config.max_positions)
 
     out.mkdir(parents=True, exist_ok=True)
-    copy_vqvae(vqvae_dir, out / "vqvae")
+    copy_vqvae(vqvae_dir, out / IMAGE_TOKENIZER_DIR)
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in weights.values()})
     write_safetensors(weights, out / "model.safetensors", metadata={"format": "pt"})
     model_config = {"kind": CONFIG_KIND, "name": preset if _matches_preset(config, preset)
                     else f"{preset} (dims read from the checkpoint)", **asdict(config)}
     (out / "config.json").write_text(json.dumps(model_config, indent=2, ensure_ascii=False))
-    text_tokenizer.save(out / "text_tokenizer")
+    text_tokenizer.save(out / TEXT_TOKENIZER_DIR)
     info = {"task": task, "vocab": vocab.to_dict(), "max_text_len": max_text_len,
             "text_slots": None,  # CogView's sequential positions
             "image_tokens": image_tokens, "caption_end_token": caption_end_token,
             "loss_vocab": "full",  # CogView scored every target against the whole vocabulary
-            "text_tokenizer": "text_tokenizer", "image_tokenizer": "vqvae",
             "converted_from": {"checkpoint": str(Path(path).resolve()), "dtype": dtypes,
                                "heads": heads}}
-    (out / EXPORT_CONFIG).write_text(json.dumps(info, indent=2, ensure_ascii=False))
+    write_export_info(out, info)
     write_model_card(out)
     log.info("converted %s (%s, %d layers, hidden %d) to %s", path, "/".join(dtypes),
              config.num_layers, config.hidden_size, out)

@@ -50,10 +50,11 @@ from torch.utils.data import IterableDataset, get_worker_info
 from cogview.data.shards import BadSample, TokenSample, decode_sample
 from cogview.data.tar_reader import TarProblem, read_tar
 from cogview.tokenization import CogViewVocab, caption_layout, sr_layout, t2i_layout, text_limit
+from cogview.tokenization.layouts import TASKS
 
 log = logging.getLogger(__name__)
 
-LAYOUT_TASKS = ("t2i", "caption", "sr")
+LAYOUT_TASKS = TASKS  # the layouts a stream batches
 SPLIT_MODES = ("auto", "shard", "sample")
 
 

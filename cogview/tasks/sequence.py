@@ -14,6 +14,13 @@ from typing import Any
 
 import torch
 
+from cogview.exports import (
+    IMAGE_TOKENIZER_DIR,
+    TEXT_TOKENIZER_DIR,
+    is_export,
+    read_export_info,
+    write_export_info,
+)
 from cogview.model_card import write_model_card
 from cogview.modules.losses import check_loss_vocab, full_loss, span_loss
 from cogview.modules.transformer import CogViewTransformer, TransformerConfig
@@ -23,7 +30,6 @@ from cogview.tokenization import build_text_tokenizer, load_text_tokenizer, text
 from cogview.tokenization.vocab import CogViewVocab
 
 log = logging.getLogger(__name__)
-EXPORT_CONFIG = "cogview.json"
 
 
 def build_tokenizer(settings: dict[str, Any]):
@@ -147,10 +153,9 @@ class SequenceTask(CogViewTask):
     def _warn_on_other_positions(self, source: Path) -> None:
         """An export trained with the other position scheme still loads, but its position
         embeddings mean other things here: say so."""
-        info_file = source / EXPORT_CONFIG
-        if not info_file.is_file():
+        if not is_export(source):
             return
-        info = json.loads(info_file.read_text())
+        info = read_export_info(source)
         if info.get("text_slots") != self.text_slots:
             log.warning("init_from=%s was trained with text_slots=%s but this run uses %s: its "
                         "image position embeddings will be relearned; set "
@@ -283,13 +288,12 @@ class SequenceTask(CogViewTask):
                 model = CogViewTransformer(self.model.config)
             model.load_state_dict(state_dict, assign=True)
         model.save_pretrained(directory)
-        self.text_tokenizer.save(directory / "text_tokenizer")
-        vqvae_copy = directory / "vqvae"
+        self.text_tokenizer.save(directory / TEXT_TOKENIZER_DIR)
+        vqvae_copy = directory / IMAGE_TOKENIZER_DIR
         if vqvae_copy.exists():
             shutil.rmtree(vqvae_copy)
         shutil.copytree(self.hparams.vqvae_dir, vqvae_copy)
-        (directory / EXPORT_CONFIG).write_text(json.dumps(self.export_info(), indent=2,
-                                                          ensure_ascii=False))
+        write_export_info(directory, self.export_info())
         write_model_card(directory)
         return directory
 
@@ -301,7 +305,7 @@ class SequenceTask(CogViewTask):
                 "image_tokens": self.image_tokens,
                 "caption_end_token": getattr(datamodule, "caption_end_token", None),
                 "loss_vocab": self.hparams.loss_vocab,
-                "text_tokenizer": "text_tokenizer", "image_tokenizer": "vqvae",
+                "text_tokenizer": TEXT_TOKENIZER_DIR, "image_tokenizer": IMAGE_TOKENIZER_DIR,
                 **({"data": training_data(datamodule)} if training_data(datamodule) else {})}
 
     def pipeline(self, precision: str = "auto"):
