@@ -22,7 +22,6 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import atexit  # noqa: E402
 import contextlib  # noqa: E402
 import html  # noqa: E402
-import json  # noqa: E402
 import logging  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
@@ -44,7 +43,7 @@ from cogview.config import CONF_DIR  # noqa: E402
 from cogview.data.images import (DEFAULT_MAX_PIXELS, ImageDecodeError, load_image,  # noqa: E402
                                  resize_center_crop)
 from cogview.exports import find_exports  # noqa: E402
-from cogview.inference import write_rows  # noqa: E402
+from cogview.inference import jsonl, write_rows  # noqa: E402
 from cogview.pipeline import Pipeline, grid_side  # noqa: E402
 from cogview.tokenization.layouts import TASKS  # noqa: E402
 
@@ -182,11 +181,6 @@ def read_upload(payload, max_side: int,
         return load_image(path, name=name, max_pixels=max_pixels)
     except ImageDecodeError as error:
         raise user_error(f"{error}: upload an intact PNG, JPEG or WebP image") from None
-
-
-def jsonl(rows: list[dict]) -> str:
-    """Rows as the results.jsonl text infer.py writes (one JSON object per line)."""
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def token_progress(progress, desc: str, unit: str = "tokens") -> Callable[[int, int], None]:

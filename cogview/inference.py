@@ -196,11 +196,14 @@ def load_pipeline(cfg: DictConfig, ckpt: str | None = None, task: str | None = N
     return pipe
 
 
+def jsonl(rows: list[dict]) -> str:
+    """Rows as results.jsonl text: one JSON object per line, Chinese kept readable."""
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
 def write_rows(path: Path, rows: list[dict]) -> None:
-    """One JSON object per line, UTF-8, Chinese kept readable."""
-    with open(path, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    """Writes ``jsonl(rows)`` to ``path`` in UTF-8."""
+    Path(path).write_text(jsonl(rows), encoding="utf-8")
 
 
 # ------------------------------------------------------------------------------------------------

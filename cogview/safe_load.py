@@ -128,3 +128,36 @@ def check_finite(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch
             f"{source}: weights are not finite: {shown}. The run that wrote them diverged or the "
             "file is corrupted; export an earlier checkpoint (its checkpoints/ directory) or "
             "retrain with a lower learning rate")
+
+
+def check_state_dict(expected: Mapping[str, Any], given: Mapping[str, torch.Tensor],
+                     heading: str, hint: str | None = None,
+                     error: type[Exception] = ValueError, shown: int = 10) -> None:
+    """Raises ``error`` listing every missing, unexpected and mis-shaped key of ``given``
+    against ``expected`` (a state dict, or key -> shape; a shape of None is not checked):
+
+        <heading>
+          missing keys (2): a, b
+          unexpected keys (1): c
+          shape mismatches (1): d: checkpoint (3,) vs model (4,)
+          <hint>
+    """
+    def shape(value) -> tuple | None:
+        return None if value is None else tuple(getattr(value, "shape", value))
+
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    mismatched = [f"{k}: checkpoint {tuple(given[k].shape)} vs model {shape(expected[k])}"
+                  for k in sorted(set(expected) & set(given))
+                  if shape(expected[k]) is not None and tuple(given[k].shape) != shape(expected[k])]
+    if not (missing or unexpected or mismatched):
+        return
+    lines = [heading]
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                         ("shape mismatches", mismatched)):
+        if items:
+            more = f" ... (+{len(items) - shown})" if len(items) > shown else ""
+            lines.append(f"  {title} ({len(items)}): {', '.join(items[:shown])}{more}")
+    if hint:
+        lines.append(f"  {hint}")
+    raise error("\n".join(lines))

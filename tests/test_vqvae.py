@@ -348,7 +348,7 @@ def test_from_pretrained_errors_name_path_and_problem(tmp_path):
         VQVAE.from_pretrained(tmp_path / "vq")
 
     config_path.write_text(json.dumps({**config, "num_codes": 128}))
-    with pytest.raises(ValueError, match=r"model\.safetensors does not match.*_codebook\.embed"):
+    with pytest.raises(ValueError, match=r"(?s)model\.safetensors does not match.*_codebook\.embed"):
         VQVAE.from_pretrained(tmp_path / "vq")
 
     config_path.write_text(json.dumps({**config, "depth": 3}))

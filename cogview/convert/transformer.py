@@ -44,6 +44,7 @@ from cogview.convert.checkpoint import (
     write_safetensors,
 )
 from cogview.modules.transformer import CONFIG_KIND, CogViewTransformer, TransformerConfig
+from cogview.modules.vqvae import read_vqvae_config
 from cogview.tokenization.layouts import TASKS
 from cogview.tokenization.vocab import CogViewVocab
 
@@ -273,7 +274,7 @@ def convert_transformer(src: str | Path, out: str | Path, vqvae: str | Path | No
     path = find_model_states(src)
     text_tokenizer = load_tokenizer(tokenizer)  # fail on bad arguments before the big load
     vqvae_dir = prepare_vqvae(vqvae, out / IMAGE_TOKENIZER_DIR, trust_pickle)
-    num_codes = int(json.loads((vqvae_dir / "config.json").read_text())["num_codes"])
+    num_codes = read_vqvae_config(vqvae_dir).num_codes
     vocab = CogViewVocab.for_tokenizer(text_tokenizer, num_codes)
     if caption_end_token is not None and caption_end_token not in vocab.commands:
         raise ValueError(f"caption_end_token={caption_end_token!r} is not a command token; "

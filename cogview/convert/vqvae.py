@@ -21,6 +21,7 @@ import torch
 
 from cogview.convert.checkpoint import CheckpointError, extract_state_dict, load_torch_file
 from cogview.modules.vqvae import VQVAE, VQVAEConfig
+from cogview.safe_load import check_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +42,10 @@ def cogview_vqvae_keys() -> list[str]:
 
 def vqvae_config_from_state(state: dict[str, torch.Tensor], source: str) -> VQVAEConfig:
     """The ``cogview`` preset with widths, code dim and codebook size read from the shapes."""
-    known = set(cogview_vqvae_keys())
-    missing = sorted(known - set(state))
-    unknown = sorted(set(state) - known)
-    if missing or unknown:
-        parts = ([f"missing keys {missing}"] if missing else []) + \
-                ([f"unknown keys {unknown}"] if unknown else [])
-        raise CheckpointError(
-            f"{source} is not CogView's VQ-VAE layout (enc_b.blocks.{{0,2,4,6}}, "
-            f"quantize_t.{{embed,cluster_size,embed_avg}}, dec.blocks.{{0,2,4,6}}): "
-            + "; ".join(parts))
+    check_state_dict(dict.fromkeys(cogview_vqvae_keys()), state,  # keys only: shapes vary
+                     f"{source} is not CogView's VQ-VAE layout (enc_b.blocks.{{0,2,4,6}}, "
+                     f"quantize_t.{{embed,cluster_size,embed_avg}}, dec.blocks.{{0,2,4,6}}):",
+                     error=CheckpointError)
     embed = state["quantize_t.embed"]
     if embed.dim() != 2:
         raise CheckpointError(f"{source}: quantize_t.embed has shape {tuple(embed.shape)}, "

@@ -18,7 +18,6 @@ from cogview.data.fingerprint import (
     TokenizerMismatchError,
     check_fingerprints,
     image_tokenizer_fingerprint,
-    image_tokenizer_num_codes,
 )
 from cogview.data.pretokenize import build_text_tokenizer_from_config
 from cogview.data.shards import ShardSet, decode_sample, load_manifest, load_npy, resolve_shards
@@ -29,6 +28,7 @@ from cogview.data.stream import (
     TokenShardStream,
     plan_split,
 )
+from cogview.modules.vqvae import read_vqvae_config
 from cogview.tokenization import CogViewVocab, text_slots_for
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ class TokenDataModule(L.LightningDataModule):
             num_codes = int(manifest["image_tokenizer"]["num_codes"])
             text_size = int(manifest["text_tokenizer"]["vocab_size"])
         if self.vqvae_dir:
-            num_codes = image_tokenizer_num_codes(self.vqvae_dir)
+            num_codes = read_vqvae_config(self.vqvae_dir).num_codes
         tokenizer = self._text_tokenizer()
         if tokenizer is not None:
             text_size = tokenizer.vocab_size

@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
+
+from cogview.modules.vqvae import WEIGHTS_NAME, read_vqvae_config
 
 FINGERPRINT_LENGTH = 16  # hex digits of sha256 kept: 64 bits, ample to tell tokenizers apart
 
@@ -39,37 +42,18 @@ def _hash_state(config: dict[str, Any], state: Mapping[str, torch.Tensor]) -> st
 
 
 def image_tokenizer_fingerprint(vqvae: Any) -> str:
-    """Fingerprint of a VQ-VAE: a `VQVAE` model or a directory written by `save_pretrained`."""
-    from cogview.modules.vqvae import CONFIG_NAME, WEIGHTS_NAME, VQVAEConfig
-
+    """Fingerprint of a VQ-VAE: a `VQVAE` model or a directory written by `save_pretrained`
+    (its config through the VQ-VAE's own reader, its weights without building the model)."""
     if isinstance(vqvae, torch.nn.Module):
         return _hash_state(vqvae.config.to_dict(), vqvae.state_dict())
     directory = Path(vqvae)
-    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} not found: the image tokenizer must be a directory written by "
-                "VQVAE.save_pretrained (config.json + model.safetensors)"
-            )
-    from safetensors.torch import load_file
-
-    values = json.loads(config_path.read_text())
-    values.pop("kind", None)
-    config = VQVAEConfig.from_dict(values).to_dict()
+    config = read_vqvae_config(directory).to_dict()
+    weights_path = directory / WEIGHTS_NAME
+    if not weights_path.is_file():
+        raise FileNotFoundError(
+            f"{weights_path} not found: the image tokenizer must be a directory written by "
+            "VQVAE.save_pretrained (config.json + model.safetensors)")
     return _hash_state(config, load_file(str(weights_path)))
-
-
-def image_tokenizer_num_codes(directory: str | Path) -> int:
-    """The codebook size K of the VQ-VAE saved in `directory` (reads config.json only)."""
-    from cogview.modules.vqvae import CONFIG_NAME, VQVAEConfig
-
-    path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: expected a VQVAE.save_pretrained directory")
-    values = json.loads(path.read_text())
-    values.pop("kind", None)
-    return VQVAEConfig.from_dict(values).num_codes
 
 
 def text_tokenizer_fingerprint(tokenizer: Any) -> str:

@@ -38,7 +38,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from vector_quantize_pytorch import VectorQuantize
 
-from cogview.safe_load import check_finite
+from cogview.safe_load import check_finite, check_state_dict
 
 ImageInput = Union[torch.Tensor, Image.Image, Sequence[Image.Image]]
 
@@ -243,6 +243,31 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
         image = Image.alpha_composite(white, rgba)
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # [H, W, 3]
     return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+
+
+def read_vqvae_config(directory: str | os.PathLike) -> VQVAEConfig:
+    """The config of a VQ-VAE saved by ``VQVAE.save_pretrained`` (reads config.json only: the
+    codebook size, say, without loading weights). FileNotFoundError / ValueError name the path
+    when it is missing, not JSON, or not a VQ-VAE's."""
+    config_path = Path(directory) / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"{config_path} not found: expected a directory written by VQVAE.save_pretrained "
+            "(cogview train task=vqvae writes one to <run>/vqvae)")
+    try:
+        values = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path} is not valid JSON: {err}") from err
+    kind = values.pop("kind", None) if isinstance(values, dict) else None
+    if kind != CONFIG_KIND:
+        raise ValueError(
+            f"{config_path} has kind={kind!r}, not {CONFIG_KIND!r}: this directory does not "
+            "hold a VQ-VAE (point to the tokenizer's directory, not e.g. a transformer's)"
+        )
+    try:
+        return VQVAEConfig.from_dict(values)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{config_path}: {err}") from err
 
 
 class VQVAE(nn.Module):
@@ -493,7 +518,8 @@ class VQVAE(nn.Module):
         if missing_quant:
             raise ValueError(f"CogView state dict lacks quantize_t.{missing_quant}")
         own = {k: v for k, v in self.state_dict().items() if not k.startswith("quantizer.")}
-        _check_state_dict(own, renamed, source="CogView state dict")
+        check_state_dict(own, renamed, "CogView state dict does not match the VQ-VAE config:",
+                         "was it saved with a different config?")
         self.load_state_dict(renamed, strict=False)
         self.load_cogview_quantizer(quant["embed"], quant["cluster_size"], quant["embed_avg"])
 
@@ -518,52 +544,19 @@ class VQVAE(nn.Module):
         its config.json is not a VQ-VAE config, or the weights do not match the config.
         """
         directory = Path(directory)
-        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"{path} not found: expected a directory written by VQVAE.save_pretrained"
-                )
-        try:
-            values = json.loads(config_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{config_path} is not valid JSON: {err}") from err
-        kind = values.pop("kind", None) if isinstance(values, dict) else None
-        if kind != CONFIG_KIND:
-            raise ValueError(
-                f"{config_path} has kind={kind!r}, not {CONFIG_KIND!r}: this directory does not "
-                "hold a VQ-VAE (point to the tokenizer's directory, not e.g. a transformer's)"
+        weights_path = directory / WEIGHTS_NAME
+        config = read_vqvae_config(directory)
+        if not weights_path.is_file():
+            raise FileNotFoundError(
+                f"{weights_path} not found: expected a directory written by VQVAE.save_pretrained"
             )
-        try:
-            config = VQVAEConfig.from_dict(values)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{config_path}: {err}") from err
         model = cls(config)
         state = load_file(str(weights_path), device=str(map_location))
-        _check_state_dict(model.state_dict(), state, source=str(weights_path))
+        check_state_dict(model.state_dict(), state,
+                         f"{weights_path} does not match the VQ-VAE config:",
+                         "was it saved with a different config?")
         check_finite(state, weights_path)
         model.load_state_dict(state)
         return model.to(map_location).eval()
 
 
-def _check_state_dict(
-    expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], source: str
-) -> None:
-    """Raise a ValueError listing missing, unexpected and mis-shaped keys of `given`."""
-    problems = []
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    if missing:
-        problems.append(f"missing keys {missing}")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected}")
-    for key in sorted(set(expected) & set(given)):
-        if tuple(expected[key].shape) != tuple(given[key].shape):
-            problems.append(
-                f"{key}: shape {tuple(given[key].shape)} != expected {tuple(expected[key].shape)}"
-            )
-    if problems:
-        raise ValueError(
-            f"{source} does not match the VQ-VAE config: " + "; ".join(problems)
-            + " (was it saved with a different config?)"
-        )

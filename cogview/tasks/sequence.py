@@ -6,7 +6,6 @@ optimiser, ``init_from`` and the export are shared.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -24,7 +23,8 @@ from cogview.exports import (
 from cogview.model_card import write_model_card
 from cogview.modules.losses import check_loss_vocab, full_loss, span_loss
 from cogview.modules.transformer import CogViewTransformer, TransformerConfig
-from cogview.safe_load import check_finite, load_torch_file
+from cogview.modules.vqvae import read_vqvae_config
+from cogview.safe_load import check_finite, check_state_dict, load_torch_file
 from cogview.tasks.base import CogViewTask
 from cogview.tokenization import build_text_tokenizer, load_text_tokenizer, text_slots_for
 from cogview.tokenization.vocab import CogViewVocab
@@ -38,17 +38,6 @@ def build_tokenizer(settings: dict[str, Any]):
     if settings.get("dir"):
         return load_text_tokenizer(settings["dir"])
     return build_text_tokenizer(settings.get("kind", "char"), settings.get("model_file"))
-
-
-def read_num_codes(vqvae_dir: str | Path) -> int:
-    """The codebook size recorded in a VQ-VAE directory's config.json."""
-    path = Path(vqvae_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: vqvae_dir must be a VQ-VAE export (python train.py task=vqvae "
-            "writes one to <run>/vqvae)"
-        )
-    return int(json.loads(path.read_text())["num_codes"])
 
 
 def checkpoint_state_dict(source: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -77,20 +66,8 @@ def checkpoint_state_dict(source: str | Path, trust_pickle: bool = False) -> dic
 
 def load_matching(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Loads ``state`` into ``model``; every missing, unexpected or mis-shaped key is an error."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        lines = [f"init_from={source} does not fit this model:"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                             ("shape mismatches", mismatched)):
-            if items:
-                shown = ", ".join(items[:10]) + (f" ... (+{len(items) - 10})" if len(items) > 10 else "")
-                lines.append(f"  {title} ({len(items)}): {shown}")
-        lines.append("  use the same model preset, tokenizers and VQ-VAE as the source run")
-        raise ValueError("\n".join(lines))
+    check_state_dict(model.state_dict(), state, f"init_from={source} does not fit this model:",
+                     "use the same model preset, tokenizers and VQ-VAE as the source run")
     model.load_state_dict(state)
 
 
@@ -138,7 +115,8 @@ class SequenceTask(CogViewTask):
         # image position ids independent of the caption's length (layouts.py)
         self.text_slots = text_slots_for(fixed_image_positions, max_text_len)
         self.text_tokenizer = build_tokenizer(tokenizer)
-        self.vocab = CogViewVocab.for_tokenizer(self.text_tokenizer, read_num_codes(vqvae_dir))
+        self.vocab = CogViewVocab.for_tokenizer(self.text_tokenizer,
+                                                 read_vqvae_config(vqvae_dir).num_codes)
         settings = {k: v for k, v in dict(model).items() if k != "name"}
         settings["vocab_size"] = self.vocab.size
         self.model = CogViewTransformer(TransformerConfig.from_dict(settings))
