@@ -210,7 +210,7 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 # data parallel: under torchrun every rank takes items rank, rank + world, ... and rank 0 merges
 
 
-class Shards:
+class RankWork:
     """Splits work over torchrun processes (one process: everything on rank 0) and merges rows.
 
     Items are dealt round-robin (item i to rank i % world), every rank writes its files under
@@ -266,20 +266,20 @@ def device_for(cfg: DictConfig) -> str:
     return device
 
 
-def prepare_output(cfg: DictConfig, shards: Shards) -> Path:
-    out = Path(shards.same_value(str(cfg.output_dir)))
+def prepare_output(cfg: DictConfig, ranks: RankWork) -> Path:
+    out = Path(ranks.same_value(str(cfg.output_dir)))
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
-def finish(out: Path, rows: list[dict], shards: Shards, what: str) -> Path:
+def finish(out: Path, rows: list[dict], ranks: RankWork, what: str) -> Path:
     """Merges the ranks' rows into out/results.jsonl (rank 0) and logs a summary."""
-    merged = shards.merge(rows)
+    merged = ranks.merge(rows)
     if merged is not None:
         write_rows(out / "results.jsonl", merged)
         failed = sum("error" in row for row in merged)
         log.info("%s: %d rows (%d failed) from %d process(es) in %s", what, len(merged), failed,
-                 shards.world, out)
+                 ranks.world, out)
     return out
 
 
@@ -287,7 +287,7 @@ def finish(out: Path, rows: list[dict], shards: Shards, what: str) -> Path:
 # t2i (with optional reranking)
 
 
-def text_to_image(cfg: DictConfig, shards: Shards) -> Path:
+def text_to_image(cfg: DictConfig, ranks: RankWork) -> Path:
     """task=t2i: num_samples images per prompt -> PNGs, a grid per prompt and results.jsonl
     (id, prompt, sample, seed, path; paths relative to output_dir). With rerank.ckpt (a caption
     export): num_candidates per prompt, the ``keep`` best by caption score, with their scores."""
@@ -297,8 +297,8 @@ def text_to_image(cfg: DictConfig, shards: Shards) -> Path:
     rerank_ckpt = (cfg.get("rerank") or {}).get("ckpt")
     pipe = load_pipeline(cfg)
     reranker = load_pipeline(cfg, rerank_ckpt, "caption") if rerank_ckpt else None
-    out = prepare_output(cfg, shards)
-    mine = shards.mine(len(records))
+    out = prepare_output(cfg, ranks)
+    mine = ranks.mine(len(records))
     rows = []
     if mine:
         kwargs = dict(seed=cfg.seed, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
@@ -325,9 +325,9 @@ def text_to_image(cfg: DictConfig, shards: Shards) -> Path:
                     row.update(caption_score=round(scores[rank], 5), rank=rank,
                                num_candidates=cfg.num_candidates)
                 rows.append(row)
-        log.info("rank %d: %d prompts at batch size %d", shards.rank, len(mine),
+        log.info("rank %d: %d prompts at batch size %d", ranks.rank, len(mine),
                  pipe.batch_sizer.size)
-    return finish(out, rows, shards, "t2i")
+    return finish(out, rows, ranks, "t2i")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -376,36 +376,36 @@ def shard_codes(spec: str, limit: int | None) -> list[tuple[dict, object]]:
     return items
 
 
-def caption_images(cfg: DictConfig, shards: Shards) -> Path:
+def caption_images(cfg: DictConfig, ranks: RankWork) -> Path:
     """task=caption: a caption per image -> results.jsonl (id, path, caption); an image that
     cannot be read gets an "error" in its row and the others go on. ``shards=<dir>`` captions
     the image codes of pretokenized shards instead (rows: id, key, shard, truth, caption)."""
     if cfg.get("shards"):
         if cfg.get("images"):
             raise ValueError("give either images=[...] or shards=<dir>, not both")
-        return caption_shards(cfg, shards)
+        return caption_shards(cfg, ranks)
     paths = list_images(cfg.images)
     pipe = load_pipeline(cfg)
-    out = prepare_output(cfg, shards)
-    items = read_images(cfg, [paths[i] for i in shards.mine(len(paths))], pipe.prepare_image)
-    for (row, _), index in zip(items, shards.mine(len(paths))):
+    out = prepare_output(cfg, ranks)
+    items = read_images(cfg, [paths[i] for i in ranks.mine(len(paths))], pipe.prepare_image)
+    for (row, _), index in zip(items, ranks.mine(len(paths))):
         row["id"] = row["_order"] = index
     add_captions(cfg, pipe, items)
-    return finish(out, [row for row, _ in items], shards, "caption")
+    return finish(out, [row for row, _ in items], ranks, "caption")
 
 
-def caption_shards(cfg: DictConfig, shards: Shards) -> Path:
+def caption_shards(cfg: DictConfig, ranks: RankWork) -> Path:
     """task=caption shards=<dir>: captions the code grids stored in pretokenized shards."""
     items = shard_codes(cfg.shards, cfg.get("limit"))
     if not items:
         raise ValueError(f"shards={cfg.shards} holds no samples")
     pipe = load_pipeline(cfg)
-    out = prepare_output(cfg, shards)
-    mine = [items[i] for i in shards.mine(len(items))]
+    out = prepare_output(cfg, ranks)
+    mine = [items[i] for i in ranks.mine(len(items))]
     for row, _ in mine:
         row["_order"] = row["id"]
     add_captions(cfg, pipe, mine)
-    return finish(out, [row for row, _ in mine], shards, "caption")
+    return finish(out, [row for row, _ in mine], ranks, "caption")
 
 
 def add_captions(cfg: DictConfig, pipe, items: list[tuple[dict, object]]) -> None:
@@ -422,7 +422,7 @@ def add_captions(cfg: DictConfig, pipe, items: list[tuple[dict, object]]) -> Non
         row["caption"] = caption
 
 
-def rerank_images(cfg: DictConfig, shards: Shards) -> Path:
+def rerank_images(cfg: DictConfig, ranks: RankWork) -> Path:
     """task=rerank: caption scores of images against one prompt -> results.jsonl sorted best
     first (id, path, prompt, caption_score, rank) and a grid of the images in rank order."""
     from cogview.visualize import image_grid
@@ -431,9 +431,9 @@ def rerank_images(cfg: DictConfig, shards: Shards) -> Path:
         raise ValueError('task=rerank needs the prompt the images are scored against: '
                          "\"prompt='左上角有一个大的红色圆形'\"")
     paths = list_images(cfg.images)
-    out = prepare_output(cfg, shards)
-    if shards.rank != 0:  # the images are ranked together: rank 0 scores them all
-        return finish(out, [], shards, "rerank")
+    out = prepare_output(cfg, ranks)
+    if ranks.rank != 0:  # the images are ranked together: rank 0 scores them all
+        return finish(out, [], ranks, "rerank")
     pipe = load_pipeline(cfg)
     items = read_images(cfg, paths, pipe.prepare_image)
     good = [(row, image) for row, image in items if image is not None]
@@ -450,7 +450,7 @@ def rerank_images(cfg: DictConfig, shards: Shards) -> Path:
             row.setdefault("_order", len(good) + row["id"])  # failed images last
         image_grid([image for _, image in ranked], columns=min(8, len(ranked))).save(
             out / "ranked.png")
-    return finish(out, rows, shards, "rerank")
+    return finish(out, rows, ranks, "rerank")
 
 
 def sr_inputs(cfg: DictConfig) -> list[tuple[Path, str]]:
@@ -476,7 +476,7 @@ def sr_inputs(cfg: DictConfig) -> list[tuple[Path, str]]:
     return list(zip(paths, prompts))
 
 
-def super_resolve(cfg: DictConfig, shards: Shards) -> Path:
+def super_resolve(cfg: DictConfig, ranks: RankWork) -> Path:
     """task=sr: each image + its caption -> a 2x image (one window, or CogView's sliding 3x3
     windows for images larger than the model's window); writes <i>_sr.png, a before/after
     picture (bicubic 2x | sr) and results.jsonl (id, source, prompt, path, pair, size)."""
@@ -486,9 +486,9 @@ def super_resolve(cfg: DictConfig, shards: Shards) -> Path:
     pipe = load_pipeline(cfg)
     check_refine_args(cfg.refine_sweeps, cfg.refine_candidates, cfg.refine_codebook,
                       num_codes=pipe.vocab.num_image_codes)  # not once per image
-    out = prepare_output(cfg, shards)
+    out = prepare_output(cfg, ranks)
     rows = []
-    for index in tqdm(shards.mine(len(pairs)), desc="super-resolving", unit="img"):
+    for index in tqdm(ranks.mine(len(pairs)), desc="super-resolving", unit="img"):
         path, prompt = pairs[index]
         row = {"id": index, "source": str(path), "prompt": prompt, "_order": index}
         rows.append(row)
@@ -513,7 +513,7 @@ def super_resolve(cfg: DictConfig, shards: Shards) -> Path:
         row.update(path=f"{name}_sr.png", pair=f"{name}_pair.png", size=list(result.size),
                    seed=cfg.seed + index, refine_sweeps=cfg.refine_sweeps,
                    refine_candidates=cfg.refine_candidates, refine_codebook=cfg.refine_codebook)
-    return finish(out, rows, shards, "sr")
+    return finish(out, rows, ranks, "sr")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -527,7 +527,7 @@ def parse_region(region):
     return [float(v) for v in region]
 
 
-def complete_image(cfg: DictConfig, shards: Shards) -> Path:
+def complete_image(cfg: DictConfig, ranks: RankWork) -> Path:
     """task=complete: an image, a region and a prompt -> num_samples completions, a picture
     (original | region | completions) and results.jsonl (id, prompt, sample, seed, path)."""
     from cogview.generation.completion import region_mask
@@ -537,9 +537,9 @@ def complete_image(cfg: DictConfig, shards: Shards) -> Path:
         raise ValueError("task=complete needs a prompt: \"prompt='左上角有一个大的红色圆形'\"")
     if not cfg.get("image"):
         raise ValueError("task=complete needs image=<path> (the picture to complete)")
-    out = prepare_output(cfg, shards)
-    if shards.rank != 0:  # one image: rank 0 does it
-        return finish(out, [], shards, "complete")
+    out = prepare_output(cfg, ranks)
+    if ranks.rank != 0:  # one image: rank 0 does it
+        return finish(out, [], ranks, "complete")
     pipe = load_pipeline(cfg)
     region = parse_region(cfg.region)
     try:
@@ -547,7 +547,7 @@ def complete_image(cfg: DictConfig, shards: Shards) -> Path:
     except SAMPLE_ERRORS as error:  # unreadable, truncated, above max_pixels: an error row
         row = {"id": 0, "image": str(cfg.image), "prompt": cfg.prompt, "_order": 0}
         sample_error(row, cfg.image, error)
-        return finish(out, [row], shards, "complete")
+        return finish(out, [row], ranks, "complete")
     samples = pipe.complete(original, cfg.prompt, region=region,
                             num_images=cfg.num_samples, seed=cfg.seed,
                             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
@@ -566,14 +566,14 @@ def complete_image(cfg: DictConfig, shards: Shards) -> Path:
                      "seed": cfg.seed + sample, "path": name, "grid": "grid.png",
                      "region": cfg.region if isinstance(cfg.region, str) else list(cfg.region),
                      "_order": sample})
-    return finish(out, rows, shards, "complete")
+    return finish(out, rows, ranks, "complete")
 
 
 # ------------------------------------------------------------------------------------------------
 # the shapes-zh benchmark
 
 
-def evaluate_exports(cfg: DictConfig, shards: Shards) -> Path:
+def evaluate_exports(cfg: DictConfig, ranks: RankWork) -> Path:
     """task=eval: the shapes-zh benchmark on the exports under cfg.ckpt (one export, or a folder
     with t2i/, caption/, sr/ such as artifacts/demo) -> eval.json, report.md and pictures."""
     from cogview.eval.shapes_bench import run
@@ -582,8 +582,8 @@ def evaluate_exports(cfg: DictConfig, shards: Shards) -> Path:
 
     check_refine_args(cfg.sr_refine_sweeps)  # before t2i and caption spend their time
     exports = find_exports(cfg.ckpt)
-    out = prepare_output(cfg, shards)
-    if shards.rank != 0:
+    out = prepare_output(cfg, ranks)
+    if ranks.rank != 0:
         return out
     pipes = {task: load_pipeline(cfg, str(path), task) for task, path in exports.items()}
     log.info("evaluating %s", ", ".join(f"{t}={p}" for t, p in exports.items()))
@@ -625,11 +625,11 @@ def infer(cfg: DictConfig) -> Path:
         return reconstruct(cfg)
     if name not in runners:
         raise ValueError(f"infer task={name!r} is not available; choose one of {TASKS}")
-    shards = Shards()
+    ranks = RankWork()
     try:
-        return runners[name](cfg, shards)
+        return runners[name](cfg, ranks)
     finally:
-        shards.close()
+        ranks.close()
 
 
 @hydra.main(config_path=str(INFERENCE_CONF_DIR), config_name="infer", version_base=None)
