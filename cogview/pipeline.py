@@ -35,6 +35,7 @@ from cogview.exports import (
 )
 from cogview.generation.batching import BatchSizer, run_in_batches
 from cogview.precision import AUTO, AUTOCAST_DTYPES, resolve_precision, warn_if_emulated
+from cogview.validate import check_int
 
 log = logging.getLogger(__name__)
 DEFAULT_IMAGE_TOKENS = 64  # an 8x8 code grid: 64x64 pixels, what the shapes-zh recipes train on
@@ -130,9 +131,8 @@ def sample_seeds(seed: int | None, generator, count: int) -> list[int]:
 
 
 def check_count(name: str, value) -> None:
-    """A positive int, or ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} must be a positive int")
+    """A count of images, candidates, ...: an int >= 1, or ValueError naming it."""
+    check_int(name, value)
 
 
 def pair_prompts(images, prompts, what: str) -> tuple[list, list[str]]:

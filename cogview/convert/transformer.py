@@ -47,6 +47,7 @@ from cogview.modules.transformer import CONFIG_KIND, CogViewTransformer, Transfo
 from cogview.modules.vqvae import read_vqvae_config
 from cogview.tokenization.layouts import TASKS
 from cogview.tokenization.vocab import CogViewVocab
+from cogview.validate import check_int
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +139,7 @@ def config_from_state(state: dict[str, torch.Tensor], heads: int, source: str,
     if inner % hidden_size:
         raise CheckpointError(f"{source}: {inner_key} has {inner} rows, not a multiple of the "
                               f"hidden size {hidden_size} read from {embeddings_key}")
-    if isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0:
-        raise ValueError(f"heads={heads!r} must be a positive int (CogView: 40)")
+    check_int("heads", heads, meaning="CogView: 40")
     if hidden_size % heads:
         raise ValueError(
             f"heads={heads} does not divide the hidden size {hidden_size} read from "

@@ -18,6 +18,8 @@ from typing import Callable, Sequence, TypeVar
 import torch
 from tqdm import tqdm
 
+from cogview.validate import check_int
+
 log = logging.getLogger(__name__)
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -46,8 +48,7 @@ class BatchSizer:
     """The current batch size of a run: starts at ``max_size`` and only ever shrinks."""
 
     def __init__(self, max_size: int = 12) -> None:
-        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
-            raise ValueError(f"max_batch_size={max_size!r} must be a positive int")
+        check_int("max_batch_size", max_size)
         self.max_size = max_size
         self.size = max_size
         self.backoffs = 0  # how many times the size was halved

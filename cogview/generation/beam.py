@@ -36,13 +36,13 @@ from cogview.generation.sampling import (
     span_logits,
 )
 from cogview.tokenization.vocab import CogViewVocab
+from cogview.validate import check_int
 
 
 def check_num_beams(num_beams, greedy: bool = True) -> None:
     """num_beams must be an int >= 1, and beam search (> 1) goes with greedy decoding
     (``greedy``: the caller decodes greedily, e.g. greedy=True or temperature 0)."""
-    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
-        raise ValueError(f"num_beams={num_beams!r} must be an int >= 1 (1 = greedy decoding)")
+    check_int("num_beams", num_beams, meaning="1 = greedy decoding")
     if num_beams > 1 and not greedy:
         raise ValueError(f"num_beams={num_beams} searches for the most likely sequence and does "
                          "not sample; pass greedy=True with it (or num_beams=1 to sample)")

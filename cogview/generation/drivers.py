@@ -19,6 +19,7 @@ from cogview.generation.interface import GenerativeModel
 from cogview.generation.sampling import generate_span
 from cogview.tokenization.layouts import caption_prompt, sr_prompt, t2i_prompt
 from cogview.tokenization.vocab import CogViewVocab
+from cogview.validate import check_int
 
 
 def _check_same_length(name_a: str, a: Sequence, name_b: str, b: Sequence) -> None:
@@ -40,8 +41,7 @@ def generate_images(model: GenerativeModel, vocab: CogViewVocab, text_ids_list: 
     is the same with an empty caption. known_codes [B, image_tokens] (codes, -1 = generate)
     keeps those codes in place: image completion.
     """
-    if isinstance(image_tokens, bool) or not isinstance(image_tokens, int) or image_tokens < 1:
-        raise ValueError(f"image_tokens={image_tokens!r} must be a positive int (h * w codes)")
+    check_int("image_tokens", image_tokens, meaning="h * w codes")
     prompts = [t2i_prompt(vocab, text, max_text_len=max_text_len, text_slots=text_slots)
                for text in text_ids_list]
     ids = generate_span(model, prompts, "image", image_tokens, vocab, temperature=temperature,
@@ -107,8 +107,7 @@ def generate_sr(model: GenerativeModel, vocab: CogViewVocab, text_ids_list: Sequ
     ``known_codes`` [B, hr_tokens] (-1 = generate): high-res codes already fixed, e.g. by the
     overlapping windows of ``cogview.generation.superres.sliding_window_sr``.
     """
-    if isinstance(hr_tokens, bool) or not isinstance(hr_tokens, int) or hr_tokens < 1:
-        raise ValueError(f"hr_tokens={hr_tokens!r} must be a positive int (h * w high-res codes)")
+    check_int("hr_tokens", hr_tokens, meaning="h * w high-res codes")
     _check_same_length("text_ids_list", text_ids_list, "lowres_codes_list", lowres_codes_list)
     if isinstance(windows, int):
         windows = [windows] * len(text_ids_list)

@@ -32,6 +32,7 @@ import torch
 from cogview.generation.interface import GenerativeModel
 from cogview.tokenization.layouts import Layout, collate_layouts
 from cogview.tokenization.vocab import CogViewVocab
+from cogview.validate import check_int
 
 SPAN_KINDS = ("image", "text")
 PromptBatch = dict[str, torch.Tensor]  # input_ids, position_ids, attention_mask: [N, L]
@@ -45,8 +46,8 @@ def check_sampling_args(temperature: float, top_k: int | None, top_p: float) -> 
     """Raise ValueError naming a bad temperature, top_k or top_p."""
     if not temperature >= 0:  # also refuses NaN
         raise ValueError(f"temperature={temperature} must be >= 0 (0 means greedy argmax)")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
-        raise ValueError(f"top_k={top_k!r} must be a non-negative int (0 or None: no top-k)")
+    if top_k is not None:
+        check_int("top_k", top_k, 0, meaning="0 or None: no top-k")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p} must lie in (0, 1] (1 means no nucleus filtering)")
 
@@ -308,8 +309,7 @@ def check_generate_args(model, vocab: CogViewVocab, span_kind: str, num_tokens: 
     if span_kind not in SPAN_KINDS:
         raise ValueError(f"span_kind={span_kind!r} must be one of {SPAN_KINDS} (None only "
                          "works for prompt Layouts that all have the same next_kind)")
-    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
-        raise ValueError(f"num_tokens={num_tokens!r} must be a non-negative int")
+    check_int("num_tokens", num_tokens, 0)
     if model.config.vocab_size < vocab.num_used:
         raise ValueError(f"the model's vocab_size={model.config.vocab_size} is smaller than the "
                          f"vocabulary ({vocab!r}); build the model with vocab_size={vocab.size}")

@@ -28,6 +28,7 @@ from cogview.generation.interface import GenerativeModel
 from cogview.generation.sampling import generation_mode
 from cogview.tokenization.layouts import collate_layouts, sr_layout
 from cogview.tokenization.vocab import CogViewVocab
+from cogview.validate import check_int
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,7 @@ class SRWindow:
 
 def window_offsets(side: int, window: int) -> list[int]:
     """Evenly spaced window starts from 0 to side - window, neighbours overlapping >= window/2."""
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"window={window!r} must be a positive int (low-res codes per side)")
+    check_int("window", window, meaning="low-res codes per side")
     if side < window:
         raise ValueError(f"the low-res grid ({side} codes per side) is smaller than the sr "
                          f"model's window ({window}); upscale the image or use a model trained "
@@ -170,8 +170,7 @@ def sr_code_candidates(model: GenerativeModel, vocab: CogViewVocab, text_ids_lis
 
 def check_candidate_count(name: str, value, limit: int) -> None:
     """Candidates per position: an int in 1..limit (the codebook size)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
-        raise ValueError(f"{name}={value!r} must be an int in 1..{limit} (codebook entries)")
+    check_int(name, value, 1, limit, meaning="codebook entries")
 
 
 @torch.inference_mode()
@@ -200,10 +199,8 @@ def check_refine_args(sweeps, candidates: int = 1, codebook: int = 0,
     (``num_codes``: the codebook size, the most candidates there are)."""
     for name, value, low in (("refine_sweeps", sweeps, 0), ("refine_candidates", candidates, 1),
                              ("refine_codebook", codebook, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name}={value!r} must be an int >= {low}"
-                             + (" (0: no consistency refinement)" if name == "refine_sweeps"
-                                else " (0: none)" if low == 0 else ""))
+        check_int(name, value, low, meaning="0: no consistency refinement"
+                  if name == "refine_sweeps" else "0: none" if low == 0 else None)
         if num_codes is not None and name != "refine_sweeps" and value > num_codes:
             raise ValueError(f"{name}={value} is more than the {num_codes} codebook entries; "
                              f"use at most {num_codes}")
@@ -246,15 +243,13 @@ def refine_sr_codes(decode: Callable[[torch.Tensor], torch.Tensor], codes: torch
         raise ValueError(f"lowres_pixels has shape {tuple(lowres_pixels.shape)} for a "
                          f"{height}x{width} code grid; expected [{batch}, 3, h, w] with h and w "
                          "multiples of a square code grid")
-    if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
-        raise ValueError(f"sweeps={sweeps!r} must be an int >= 0 (0: no refinement)")
+    check_int("sweeps", sweeps, 0, meaning="0: no refinement")
     current = codes.clone().cpu()
     candidates = candidates.cpu()
     count = candidates.shape[-1] + 1  # the current code, then the candidates
     targets = lowres_pixels.float().cpu().repeat_interleave(count, 0)  # one per variant
-    if isinstance(spacing, bool) or not isinstance(spacing, int) or spacing < 1:
-        raise ValueError(f"spacing={spacing!r} must be a positive int (3: codes whose 3x3 "
-                         "neighbourhoods do not overlap change together)")
+    check_int("spacing", spacing, meaning="3: codes whose 3x3 neighbourhoods do not overlap "
+              "change together")
     groups = [(a, b) for a in range(spacing) for b in range(spacing)]
     total = sweeps * len(groups)
     for sweep in range(sweeps):
