@@ -17,10 +17,19 @@ from PIL import Image
 from tqdm import tqdm
 
 from cogview.config import INFERENCE_CONF_DIR
-from cogview.data.images import (DEFAULT_MAX_PIXELS, ImageDecodeError, load_image,
-                                 resize_center_crop)
+from cogview.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image, resize_center_crop
+from cogview.data.shards import BadSample, decode_sample, resolve_shards
+from cogview.data.tar_reader import TarProblem, read_tar
+from cogview.eval.plots import plot_loss_curves
+from cogview.eval.shapes_bench import run as run_shapes_benchmark
+from cogview.exports import find_exports
+from cogview.generation.completion import region_mask
+from cogview.generation.superres import check_refine_args
 from cogview.model_card import write_model_card
-from cogview.visualize import comparison_grid, psnr, tensor_to_pil
+from cogview.modules.vqvae import VQVAE
+from cogview.pipeline import Pipeline
+from cogview.visualize import comparison_grid, image_grid, psnr, tensor_to_pil
+
 
 log = logging.getLogger("cogview.infer")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -74,7 +83,6 @@ def crop_to_multiple(image: Image.Image, multiple: int = 8) -> Image.Image:
 def reconstruct(cfg: DictConfig) -> Path:
     """task=vqvae: encode each image to codes and decode it back; writes PNGs, a
     before/after picture per image and results.jsonl (PSNR, code grid, errors)."""
-    from cogview.modules.vqvae import VQVAE
 
     model = VQVAE.from_pretrained(cfg.ckpt).to(cfg.device).eval()
     out = Path(cfg.output_dir)
@@ -186,7 +194,6 @@ def read_prompts(cfg: DictConfig) -> list[tuple[object, str]]:
 def load_pipeline(cfg: DictConfig, ckpt: str | None = None, task: str | None = None):
     """The Pipeline of ``ckpt`` (default cfg.ckpt), warning when it was not exported for ``task``
     (default cfg.task.name)."""
-    from cogview.pipeline import Pipeline
 
     ckpt, task = ckpt or cfg.ckpt, task or cfg.task.name
     pipe = Pipeline.from_pretrained(ckpt, device=device_for(cfg), dtype=cfg.get("dtype"),
@@ -291,7 +298,6 @@ def text_to_image(cfg: DictConfig, ranks: RankWork) -> Path:
     """task=t2i: num_samples images per prompt -> PNGs, a grid per prompt and results.jsonl
     (id, prompt, sample, seed, path; paths relative to output_dir). With rerank.ckpt (a caption
     export): num_candidates per prompt, the ``keep`` best by caption score, with their scores."""
-    from cogview.visualize import image_grid
 
     records = read_prompts(cfg)  # every prompt checked before the model is loaded
     rerank_ckpt = (cfg.get("rerank") or {}).get("ckpt")
@@ -351,8 +357,6 @@ def read_images(cfg: DictConfig, paths: list[Path], prepare) -> list[tuple[dict,
 def shard_codes(spec: str, limit: int | None) -> list[tuple[dict, object]]:
     """(row, code grid) per sample of pretokenized shards (``python -m cogview.data.pretokenize``),
     in shard order, at most ``limit``; a sample or shard that cannot be read gets an error row."""
-    from cogview.data.shards import BadSample, decode_sample, resolve_shards
-    from cogview.data.tar_reader import TarProblem, read_tar
 
     items: list[tuple[dict, object]] = []
     for url in resolve_shards(spec).urls:
@@ -425,7 +429,6 @@ def add_captions(cfg: DictConfig, pipe, items: list[tuple[dict, object]]) -> Non
 def rerank_images(cfg: DictConfig, ranks: RankWork) -> Path:
     """task=rerank: caption scores of images against one prompt -> results.jsonl sorted best
     first (id, path, prompt, caption_score, rank) and a grid of the images in rank order."""
-    from cogview.visualize import image_grid
 
     if not str(cfg.get("prompt") or "").strip():
         raise ValueError('task=rerank needs the prompt the images are scored against: '
@@ -480,7 +483,6 @@ def super_resolve(cfg: DictConfig, ranks: RankWork) -> Path:
     """task=sr: each image + its caption -> a 2x image (one window, or CogView's sliding 3x3
     windows for images larger than the model's window); writes <i>_sr.png, a before/after
     picture (bicubic 2x | sr) and results.jsonl (id, source, prompt, path, pair, size)."""
-    from cogview.generation.superres import check_refine_args
 
     pairs = sr_inputs(cfg)
     pipe = load_pipeline(cfg)
@@ -530,8 +532,6 @@ def parse_region(region):
 def complete_image(cfg: DictConfig, ranks: RankWork) -> Path:
     """task=complete: an image, a region and a prompt -> num_samples completions, a picture
     (original | region | completions) and results.jsonl (id, prompt, sample, seed, path)."""
-    from cogview.generation.completion import region_mask
-    from cogview.visualize import image_grid
 
     if not str(cfg.get("prompt") or "").strip():
         raise ValueError("task=complete needs a prompt: \"prompt='左上角有一个大的红色圆形'\"")
@@ -576,9 +576,6 @@ def complete_image(cfg: DictConfig, ranks: RankWork) -> Path:
 def evaluate_exports(cfg: DictConfig, ranks: RankWork) -> Path:
     """task=eval: the shapes-zh benchmark on the exports under cfg.ckpt (one export, or a folder
     with t2i/, caption/, sr/ such as artifacts/demo) -> eval.json, report.md and pictures."""
-    from cogview.eval.shapes_bench import run
-    from cogview.generation.superres import check_refine_args
-    from cogview.exports import find_exports
 
     check_refine_args(cfg.sr_refine_sweeps)  # before t2i and caption spend their time
     exports = find_exports(cfg.ckpt)
@@ -587,17 +584,16 @@ def evaluate_exports(cfg: DictConfig, ranks: RankWork) -> Path:
         return out
     pipes = {task: load_pipeline(cfg, str(path), task) for task, path in exports.items()}
     log.info("evaluating %s", ", ".join(f"{t}={p}" for t, p in exports.items()))
-    results = run(**pipes, out_dir=out, prompts_per_split=cfg.prompts_per_split,
-                  num_candidates=cfg.num_candidates, seed=cfg.seed, top_k=cfg.top_k,
-                  temperature=cfg.temperature, batch_size=cfg.max_inference_batch_size,
-                  rerank_temperature=cfg.get("rerank_temperature"),
-                  fid_features=cfg.fid_features, is_classifier=cfg.is_classifier,
-                  caption_images=cfg.caption_images, sr_images=cfg.sr_images,
-                  sr_top_k=cfg.sr_top_k, sr_refine_sweeps=cfg.sr_refine_sweeps,
-                  caption_num_beams=cfg.caption_num_beams)
+    results = run_shapes_benchmark(
+        **pipes, out_dir=out, prompts_per_split=cfg.prompts_per_split,
+        num_candidates=cfg.num_candidates, seed=cfg.seed, top_k=cfg.top_k,
+        temperature=cfg.temperature, batch_size=cfg.max_inference_batch_size,
+        rerank_temperature=cfg.get("rerank_temperature"), fid_features=cfg.fid_features,
+        is_classifier=cfg.is_classifier, caption_images=cfg.caption_images,
+        sr_images=cfg.sr_images, sr_top_k=cfg.sr_top_k, sr_refine_sweeps=cfg.sr_refine_sweeps,
+        caption_num_beams=cfg.caption_num_beams)
     runs = [Path(run) for run in (cfg.get("runs") or [])]
     if runs:
-        from cogview.eval.plots import plot_loss_curves
 
         logs = {run.name: run / "logs" / "metrics.csv" for run in runs}
         missing = [str(path) for path in logs.values() if not path.is_file()]

@@ -18,6 +18,7 @@ import functools
 import logging
 import math
 import re
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 
+from cogview.data.images import load_image, resize_center_crop, to_rgb
 from cogview.exports import (
     EXPORT_CONFIG,
     IMAGE_TOKENIZER_DIR,
@@ -34,8 +36,24 @@ from cogview.exports import (
     write_export_info,
 )
 from cogview.generation.batching import BatchSizer, run_in_batches
+from cogview.generation.beam import check_num_beams
+from cogview.generation.completion import known_codes, region_mask
+from cogview.generation.drivers import generate_captions, generate_images
+from cogview.generation.scoring import caption_log_likelihood
+from cogview.generation.superres import (
+    SRSettings,
+    check_refine_args,
+    plan_sr_windows,
+    super_resolve_codes,
+)
+from cogview.model_card import write_model_card
+from cogview.modules.transformer import CogViewTransformer
+from cogview.modules.vqvae import VQVAE, pil_to_tensor
 from cogview.precision import AUTO, AUTOCAST_DTYPES, resolve_precision, warn_if_emulated
+from cogview.tokenization import CogViewVocab, load_text_tokenizer
 from cogview.validate import check_int
+from cogview.visualize import tensor_to_pil
+
 
 log = logging.getLogger(__name__)
 DEFAULT_IMAGE_TOKENS = 64  # an 8x8 code grid: 64x64 pixels, what the shapes-zh recipes train on
@@ -55,6 +73,7 @@ def resolve_export(name_or_path: str | Path, revision: str | None = None,
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", name) or name.startswith((".", "/")):
         raise FileNotFoundError(f"{name}: no such export directory (and not a Hub repository "
                                 "id like 'org/name')")
+    # deferred on purpose: only Hub ids need huggingface_hub (local exports never import it)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
@@ -242,15 +261,13 @@ class Pipeline:
         ``snapshot_download`` (``revision``, ``cache_dir``, ``local_files_only``, ``token``;
         with ``HF_HUB_OFFLINE=1`` only the cache is read).
 
-        torch_dtype: the same as ``dtype`` (the name diffusers and transformers use). dtype: None keeps the saved float32 weights; "bf16"/"fp16" casts the transformer (the
+        torch_dtype: the same as ``dtype`` (the name diffusers and transformers use).
+        dtype: None keeps the saved float32 weights; "bf16"/"fp16" casts the transformer (the
         VQ-VAE stays float32). precision: "auto" (default: bf16 autocast on GPUs with bf16 and
         on CPUs with native bf16, AVX512-BF16/AMX; fp16 autocast on other GPUs; else fp32, see
         cogview.precision), "bf16-mixed", "16-mixed" or "32-true". A checkpoint whose
         vocabulary does not match its tokenizers raises ValueError naming both values.
         """
-        from cogview.modules.transformer import CogViewTransformer
-        from cogview.modules.vqvae import VQVAE
-        from cogview.tokenization import CogViewVocab, load_text_tokenizer
 
         if torch_dtype is not None:
             if dtype is not None and resolve_dtype(dtype) != resolve_dtype(torch_dtype):
@@ -303,7 +320,6 @@ class Pipeline:
     def save_pretrained(self, directory: str | Path) -> Path:
         """Writes this pipeline as an export directory (weights, config, text tokenizer, VQ-VAE,
         cogview.json, model card) that ``from_pretrained`` loads back equal."""
-        from cogview.model_card import write_model_card
 
         directory = Path(directory)
         self.model.save_pretrained(directory)
@@ -318,9 +334,8 @@ class Pipeline:
                     revision: str | None = None, commit_message: str = "Upload cogview export"):
         """Uploads the export (``save_pretrained``, model card included) to a Hub repository,
         creating it if needed; returns huggingface_hub's commit info. Refuses when offline."""
-        import tempfile
 
-        from huggingface_hub import HfApi, is_offline_mode
+        from huggingface_hub import HfApi, is_offline_mode  # deferred: only uploads need it
 
         if is_offline_mode():
             raise RuntimeError(f"push_to_hub({repo_id!r}): huggingface_hub is in offline mode "
@@ -408,7 +423,6 @@ class Pipeline:
         tracker = TokenProgress(callback, len(requests) * image_tokens)
 
         def draw(chunk: list[SampleRequest]) -> list[Image.Image]:
-            from cogview.generation.drivers import generate_images
 
             codes = generate_images(
                 self.model, self.vocab, [r.text_ids for r in chunk], image_tokens,
@@ -444,7 +458,6 @@ class Pipeline:
 
     def decode_codes(self, codes: torch.Tensor) -> list[Image.Image]:
         """Code grids [B, h, w] -> B PIL images through the VQ-VAE decoder."""
-        from cogview.visualize import tensor_to_pil
 
         pixels = self.image_tokenizer.decode(codes.to(self.device))  # (B, 3, 8h, 8w) in [0, 1]
         return [tensor_to_pil(image) for image in pixels.float().cpu()]
@@ -468,8 +481,6 @@ class Pipeline:
         The known codes come back unchanged (a code is redrawn when its 8x8 cell overlaps the
         region: ``cogview.generation.completion.region_mask(region, height, width)`` gives
         those cells); sample i uses seed ``seed + i`` (or ``generator``, as in ``__call__``)."""
-        from cogview.generation.completion import known_codes, region_mask
-        from cogview.generation.drivers import generate_images
 
         check_count("num_images", num_images)
         seeds = sample_seeds(seed, generator, num_images)
@@ -527,10 +538,6 @@ class Pipeline:
         ``refine_codebook`` > 0 adds as many candidates without the model: the codebook entries
         nearest to the VQ-VAE's latents of the bicubic upsample.
         """
-        from cogview.data.images import load_image, resize_center_crop, to_rgb
-        from cogview.generation.superres import (SRSettings, check_refine_args,
-                                                 plan_sr_windows, super_resolve_codes)
-        from cogview.modules.vqvae import pil_to_tensor
 
         check_refine_args(refine_sweeps, refine_candidates, refine_codebook,
                           num_codes=self.vocab.num_image_codes)
@@ -578,7 +585,6 @@ class Pipeline:
                        max_inference_batch_size: int = 12, progress: bool = True) -> list[float]:
         """Caption score with a caption export: mean log P(prompt tokens | image) per
         (image, prompt) pair; higher means the caption fits the image better."""
-        from cogview.generation.scoring import caption_log_likelihood
 
         images, prompt_list = pair_prompts(images, prompts, "score")
         pictures = [self.prepare_image(image) for image in images]
@@ -621,7 +627,6 @@ class Pipeline:
 
     def prepare_image(self, image: Image.Image | str | Path) -> Image.Image:
         """A PIL image or a path -> RGB, resized and centre-cropped to the training size."""
-        from cogview.data.images import load_image, resize_center_crop, to_rgb
 
         image = to_rgb(image) if isinstance(image, Image.Image) else load_image(image)
         return resize_center_crop(image, 8 * grid_side(self.image_tokens))
@@ -638,9 +643,6 @@ class Pipeline:
         full-vocabulary models) or after ``max_len`` tokens (default: the export's
         max_text_len). ``num_beams`` > 1 (with ``greedy=True``): the most likely caption found
         by beam search, not the greedy one."""
-        from cogview.generation.beam import check_num_beams
-
-        from cogview.generation.drivers import generate_captions
 
         check_num_beams(num_beams, greedy or temperature == 0)
         if isinstance(images, (str, Path, Image.Image)):

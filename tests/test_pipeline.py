@@ -85,7 +85,7 @@ def test_empty_and_overlong_prompts(pipe):
 
 
 def test_pipeline_backs_off_on_out_of_memory_and_keeps_order(pipe, monkeypatch):
-    import cogview.generation.drivers as sampling
+    import cogview.pipeline as sampling  # where Pipeline looks generate_images up
 
     real = sampling.generate_images
     sizes = []
@@ -226,7 +226,7 @@ def test_load_time_mismatch_names_both_values(exports, tmp_path):
 
 @pytest.mark.parametrize("native_bf16", [True, False], ids=["native-bf16", "no-native-bf16"])
 def test_sampling_autocast_follows_the_cpu_by_default(exports, monkeypatch, native_bf16):
-    import cogview.generation.drivers as sampling
+    import cogview.pipeline as sampling  # where Pipeline looks generate_images up
     from cogview import Pipeline, cpu
 
     seen = []
