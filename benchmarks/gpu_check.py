@@ -44,7 +44,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from cogview.config import CONF_DIR  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 STRATEGIES = ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
@@ -122,17 +121,15 @@ def kernel_bandwidth(args) -> dict:
 
 def make_assets(root: Path) -> dict:
     """A random VQ-VAE and 64-px shapes-zh token shards made here (nothing downloaded)."""
-    from hydra import compose, initialize_config_dir
-
+    from cogview.config import compose_config
     from cogview.data.pretokenize import pretokenize
     from cogview.modules.vqvae import VQVAE, VQVAEConfig
 
     torch.manual_seed(0)
     VQVAE(VQVAEConfig.preset("tiny", num_codes=256)).save_pretrained(root / "vqvae")
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        pretokenize(compose(config_name="pretokenize", overrides=[
-            f"vqvae_dir={root / 'vqvae'}", f"out={root / 'shards'}", "progress=false",
-            "source.shapes.length=256", "shard_size=64", "size=64", "num_workers=0"]))
+    pretokenize(compose_config("pretokenize", [
+        f"vqvae_dir={root / 'vqvae'}", f"out={root / 'shards'}", "progress=false",
+        "source.shapes.length=256", "shard_size=64", "size=64", "num_workers=0"]))
     return {"vqvae": root / "vqvae", "shards": root / "shards"}
 
 
@@ -169,25 +166,16 @@ def full_parameters(trainer, task):
 def train_and_compare(name: str, device: str, preset: str, root: Path, steps: int) -> dict:
     """In this process: fit `steps` t2i steps with strategy `name`, export, and compare the
     export's logits with the trained model's on a held-out batch."""
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
+    from cogview.config import compose_config
     from cogview.modules.transformer import CogViewTransformer
-    from cogview.training import (
-        build_task,
-        build_trainer,
-        export_after_fit,
-        register_resolvers,
-        resolve_ckpt_path,
-    )
+    from cogview.training import build_task, build_trainer, export_after_fit, resolve_ckpt_path
 
     assets = make_assets(root)
-    register_resolvers()
 
     def compose_run(max_steps: int):
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            return compose(config_name="train", overrides=[
-                *overrides, f"trainer.max_steps={max_steps}"])
+        return compose_config("train", [*overrides, f"trainer.max_steps={max_steps}"])
 
     overrides = [
         "task=t2i", f"vqvae_dir={assets['vqvae']}", f"data.train_shards={assets['shards']}",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from cogview.exports import EXPORT_CONFIG
+from cogview.exports import read_export_info
 
 CARD_NAME = "README.md"
 SCORES_NAME = "eval_scores.json"  # the shapes-zh benchmark's results for this export's task
@@ -51,8 +51,7 @@ def render_model_card(info: dict, config: dict, scores: dict | None = None) -> s
     lines = ["---", yaml.safe_dump(front, allow_unicode=True, sort_keys=False).rstrip(), "---",
              "", f"# cogview {TASK_TITLES.get(task, task)} model", "",
              "A CogView-style decoder-only transformer over text ids and VQ-VAE image codes, "
-             "trained with [cogview](https://github.com/THUDM/CogView)'s recipe (Sandwich-LN, "
-             "PB-relax).", "", "```python", "from cogview import Pipeline", "",
+             "trained with CogView's recipe (Sandwich-LN, PB-relax) by cogview.", "", "```python", "from cogview import Pipeline", "",
              'pipe = Pipeline.from_pretrained("<this directory or Hub repository>")']
     lines += {"t2i": ['images = pipe("左上角有一个大的红色圆形", num_images=4).images'],
               "caption": ['captions = pipe.caption(["image.png"])'],
@@ -103,7 +102,7 @@ def write_model_card(directory: str | Path, scores: dict | None = None) -> Path:
     if scores is not None:
         (directory / SCORES_NAME).write_text(json.dumps(scores, indent=1, ensure_ascii=False),
                                              encoding="utf-8")
-    info = _read_json(directory / EXPORT_CONFIG)
+    info = read_export_info(directory)
     config = _read_json(directory / "config.json")
     path = directory / CARD_NAME
     path.write_text(render_model_card(info, config, _read_json(directory / SCORES_NAME)),

@@ -149,11 +149,6 @@ def sample_seeds(seed: int | None, generator, count: int) -> list[int]:
     return [draw(g) for g in generators]
 
 
-def check_count(name: str, value) -> None:
-    """A count of images, candidates, ...: an int >= 1, or ValueError naming it."""
-    check_int(name, value)
-
-
 def pair_prompts(images, prompts, what: str) -> tuple[list, list[str]]:
     """One image (PIL or path) or a list, with one prompt for all or one each -> two equal
     lists; ValueError for no images or mismatched counts."""
@@ -399,11 +394,11 @@ class Pipeline:
         prompt_list = [prompts] if single else list(prompts)
         if not prompt_list:
             raise ValueError("no prompts given: pass a prompt or a list of prompts")
-        check_count("num_images", num_images)
+        check_int("num_images", num_images)
         draws = num_images
         if reranker is not None:
             draws = 2 * num_images if num_candidates is None else num_candidates
-            check_count("num_candidates", draws)
+            check_int("num_candidates", draws)
             if draws < num_images:
                 raise ValueError(f"num_candidates={draws} is below num_images={num_images}: "
                                  "reranking keeps the best num_images of num_candidates")
@@ -482,7 +477,7 @@ class Pipeline:
         region: ``cogview.generation.completion.region_mask(region, height, width)`` gives
         those cells); sample i uses seed ``seed + i`` (or ``generator``, as in ``__call__``)."""
 
-        check_count("num_images", num_images)
+        check_int("num_images", num_images)
         seeds = sample_seeds(seed, generator, num_images)
         text_ids = self.encode_prompt(prompt)
         picture = self.prepare_image(image)

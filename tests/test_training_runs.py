@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from cogview.export import export_checkpoint
-from cogview.training import resolve_ckpt_path
 from cogview.modules.transformer import CogViewTransformer
+from cogview.training import resolve_ckpt_path
 from tests.helpers import (
     ROOT,
     TINY_MODEL,
