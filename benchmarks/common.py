@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
 
 from cogview.cpu import cpu_summary
 from cogview.modules import pb_relax
@@ -100,19 +101,12 @@ def parse_exports(parser, items: list[str], example: str) -> list[tuple[int, str
 
 
 def split_axes(count: int, height: float = 3.2):
-    """A matplotlib figure (Agg) with ``count`` panels side by side sharing y -> (fig, axes)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(1, count, figsize=(4 * count, height), sharey=True)
+    """A matplotlib figure with ``count`` panels side by side sharing y -> (fig, axes)."""
+    fig = Figure(figsize=(4 * count, height))
+    return fig, fig.subplots(1, count, sharey=True)
 
 
 def save_figure(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)

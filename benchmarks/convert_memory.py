@@ -29,6 +29,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import machine_info, write_json  # noqa: E402
+from cogview.convert import convert_transformer  # noqa: E402
+from cogview.convert.checkpoint import find_model_states  # noqa: E402
+from cogview.convert.transformer import config_from_state, match_state  # noqa: E402
+from cogview.modules.transformer import CogViewTransformer  # noqa: E402
+from cogview.modules.vqvae import VQVAE, VQVAEConfig  # noqa: E402
+from cogview.tokenization import CharTokenizer, CogViewVocab  # noqa: E402
 
 LAYER_SHAPES = {  # CogView's per-layer tensors for hidden size h
     "input_layernorm": lambda h: [(h,), (h,)],
@@ -87,11 +93,6 @@ def vm_kib(field: str) -> int:
 
 def child(mode: str, src: str, out: str, vqvae: str, tokenizer: str, heads: int) -> None:
     """Runs one conversion in this (fresh) process and prints its memory as JSON."""
-    from cogview.convert import convert_transformer
-    from cogview.convert.checkpoint import find_model_states
-    from cogview.convert.transformer import config_from_state, match_state
-    from cogview.modules.transformer import CogViewTransformer
-
     baseline = vm_kib("VmRSS")
     start = time.perf_counter()
     if mode == "streaming":
@@ -119,9 +120,6 @@ def measure(mode: str, src: Path, out: Path, vqvae: Path, tokenizer: Path, heads
 
 def run_benchmark(layers: int, hidden: int, workdir: Path, naive: bool = True) -> dict:
     """Builds the synthetic checkpoint in ``workdir``, converts it, returns the numbers."""
-    from cogview.modules.vqvae import VQVAE, VQVAEConfig
-    from cogview.tokenization import CharTokenizer, CogViewVocab
-
     tokenizer_dir = workdir / "text_tokenizer"
     tokenizer = CharTokenizer()
     tokenizer.save(tokenizer_dir)

@@ -31,6 +31,7 @@ sampling step with ``--preset tiny``) and those that need CUDA are reported as
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import subprocess
@@ -38,6 +39,7 @@ import sys
 import tempfile
 import time
 import traceback
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import torch
@@ -45,6 +47,20 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks import common  # noqa: E402
+from benchmarks.pb_relax_softmax import bench_cuda  # noqa: E402
+from benchmarks.sampling import VOCAB, preset_config, prompt_text_ids  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy  # noqa: E402
+from torch.distributed.fsdp import FullyShardedDataParallel  # noqa: E402
+
+from cogview.config import compose_config  # noqa: E402
+from cogview.data.pretokenize import pretokenize  # noqa: E402
+from cogview.generation import generate_images  # noqa: E402
+from cogview.modules import pb_relax  # noqa: E402
+from cogview.modules.transformer import CogViewTransformer, TransformerConfig  # noqa: E402
+from cogview.modules.vqvae import VQVAE, VQVAEConfig  # noqa: E402
+from cogview.training import (  # noqa: E402
+    build_task, build_trainer, export_after_fit, resolve_ckpt_path)
 
 STRATEGIES = ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
 STEPS = ("extension", "pytest_cuda", "kernel_bandwidth",
@@ -61,8 +77,6 @@ class NeedsCuda(Exception):
 
 
 def check_extension(args) -> dict:
-    from cogview.modules import pb_relax
-
     if args.device != "cuda":
         raise NeedsCuda("the CUDA kernel needs a GPU")
     built_now = False
@@ -94,8 +108,6 @@ def run_pytest_cuda(args) -> dict:
     done = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p",
                            "no:cacheprovider", f"--junitxml={report}"], cwd=ROOT,
                           capture_output=True, text=True)
-    import xml.etree.ElementTree as ET
-
     suite = ET.parse(report).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     counts = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
@@ -107,8 +119,6 @@ def run_pytest_cuda(args) -> dict:
 def kernel_bandwidth(args) -> dict:
     if args.device != "cuda":
         raise NeedsCuda("the CUDA kernel's bandwidth needs a GPU")
-    from benchmarks.pb_relax_softmax import bench_cuda
-
     result = bench_cuda(warmup=3, repeats=10)
     best = max(result["results"], key=lambda r: r["fwd_bandwidth_Bps"])
     return {**result, "best_fwd_GBps": best["fwd_bandwidth_Bps"] / 1e9,
@@ -121,10 +131,6 @@ def kernel_bandwidth(args) -> dict:
 
 def make_assets(root: Path) -> dict:
     """A random VQ-VAE and 64-px shapes-zh token shards made here (nothing downloaded)."""
-    from cogview.config import compose_config
-    from cogview.data.pretokenize import pretokenize
-    from cogview.modules.vqvae import VQVAE, VQVAEConfig
-
     torch.manual_seed(0)
     VQVAE(VQVAEConfig.preset("tiny", num_codes=256)).save_pretrained(root / "vqvae")
     pretokenize(compose_config("pretokenize", [
@@ -147,17 +153,11 @@ def strategy_overrides(name: str, device: str, preset: str) -> list[str]:
 def full_parameters(trainer, task):
     """A context in which ``task.model`` holds its full weights: FSDP's summon_full_params,
     DeepSpeed ZeRO-3's GatheredParameters, else nothing to do."""
-    import contextlib
-
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
-
     strategy = trainer.strategy
     if isinstance(strategy, FSDPStrategy):
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
         return FullyShardedDataParallel.summon_full_params(strategy.model, writeback=False)
     if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
-        import deepspeed
+        import deepspeed  # deferred on purpose: an optional install (trainer=deepspeed_*)
 
         return deepspeed.zero.GatheredParameters(list(task.model.parameters()))
     return contextlib.nullcontext()
@@ -166,12 +166,6 @@ def full_parameters(trainer, task):
 def train_and_compare(name: str, device: str, preset: str, root: Path, steps: int) -> dict:
     """In this process: fit `steps` t2i steps with strategy `name`, export, and compare the
     export's logits with the trained model's on a held-out batch."""
-    from hydra.utils import instantiate
-
-    from cogview.config import compose_config
-    from cogview.modules.transformer import CogViewTransformer
-    from cogview.training import build_task, build_trainer, export_after_fit, resolve_ckpt_path
-
     assets = make_assets(root)
 
     def compose_run(max_steps: int):
@@ -191,24 +185,24 @@ def train_and_compare(name: str, device: str, preset: str, root: Path, steps: in
     seconds = time.perf_counter() - started
     loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
     export_after_fit(trainer, task, cfg.export_dir, "t2i")
-    if not trainer.is_global_zero:
-        return {}
     batch = next(iter(datamodule.val_dataloader()))
     ids = batch["input_ids"][:4].to(task.device)
     task.model.eval()
-    with torch.no_grad(), full_parameters(trainer, task):
+    with torch.no_grad(), full_parameters(trainer, task):  # collective: every rank takes part
         trained = task.model(ids).float()
         dtype = next(task.model.parameters()).dtype  # DeepSpeed trains in bf16 weights
-    exported = CogViewTransformer.from_pretrained(cfg.export_dir, dtype=dtype)
-    with torch.no_grad():
-        exported = exported.to(task.device).eval()(ids).float()
-    difference = float((trained - exported).abs().max())
-    if not math.isfinite(loss):
-        raise RuntimeError(f"trainer={name}: the loss after {steps} steps is {loss}")
-    if difference > 1e-3:
-        raise RuntimeError(f"trainer={name}: the export's logits differ from the trained "
-                           f"model's by {difference:.3g}")
-    # the checkpoint written at the end resumes: two more steps from it
+    difference = float("nan")
+    if trainer.is_global_zero:
+        exported = CogViewTransformer.from_pretrained(cfg.export_dir, dtype=dtype)
+        with torch.no_grad():
+            exported = exported.to(task.device).eval()(ids).float()
+        difference = float((trained - exported).abs().max())
+        if not math.isfinite(loss):
+            raise RuntimeError(f"trainer={name}: the loss after {steps} steps is {loss}")
+        if difference > 1e-3:
+            raise RuntimeError(f"trainer={name}: the export's logits differ from the trained "
+                               f"model's by {difference:.3g}")
+    # the checkpoint written at the end resumes (every rank): two more steps from it
     resumed_cfg = compose_run(steps + 2)
     ckpt = resolve_ckpt_path("last", resumed_cfg.output_dir, trust_pickle=True)
     resumed = build_trainer(resumed_cfg)
@@ -217,6 +211,8 @@ def train_and_compare(name: str, device: str, preset: str, root: Path, steps: in
     if resumed.global_step != steps + 2:
         raise RuntimeError(f"trainer={name}: resuming from {ckpt} ended at step "
                            f"{resumed.global_step}, not {steps + 2}")
+    if not trainer.is_global_zero:
+        return {}
     return {"steps": steps, "train_seconds": round(seconds, 2), "final_loss": round(loss, 4),
             "max_abs_logit_difference": difference, "resumed_to_step": resumed.global_step}
 
@@ -226,7 +222,7 @@ def check_strategy(args, name: str) -> dict:
         raise NeedsCuda(f"Lightning's {name} strategy needs CUDA")
     if name.startswith("deepspeed"):
         try:
-            import deepspeed  # noqa: F401
+            import deepspeed  # noqa: F401  (deferred: optional; its absence is reported)
         except ImportError as error:
             raise RuntimeError(f"trainer={name} needs deepspeed: pip install deepspeed "
                                f"({error})") from None
@@ -249,8 +245,6 @@ def overflow_demo(args) -> dict:
     """Per PB-relax setting: the steps (of `args.overflow_steps`) whose loss is not finite
     under 16-mixed autocast with a GradScaler, on one model whose query/key weights are scaled
     so that plain attention scores reach about 4x fp16's largest number."""
-    from cogview.modules.transformer import CogViewTransformer, TransformerConfig
-
     device = args.device
     base = dict(num_layers=2, hidden_size=128, num_heads=4, max_positions=128, vocab_size=512)
     generator = torch.Generator().manual_seed(0)
@@ -274,8 +268,8 @@ def overflow_demo(args) -> dict:
     peak = max(float(layer.attention.last_max_score) for layer in probe.layers)
     scale = math.sqrt(4 * FP16_MAX / peak)
     rows = {}
-    for pb_relax in (True, False):
-        model = model_for(pb_relax, scale)
+    for relaxed in (True, False):
+        model = model_for(relaxed, scale)
         model.track_stats(True)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
@@ -290,7 +284,7 @@ def overflow_demo(args) -> dict:
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-        rows["pb_relax_on" if pb_relax else "pb_relax_off"] = {
+        rows["pb_relax_on" if relaxed else "pb_relax_off"] = {
             "nonfinite_steps": nonfinite, "steps": args.overflow_steps,
             "max_attention_score_fp32_equivalent": max(
                 float(layer.attention.last_max_score) for layer in model.layers),
@@ -310,10 +304,6 @@ def sampling_speed(args) -> dict:
     """Seconds per image and peak memory of t2i sampling with the KV cache, batch 1 and 8."""
     if args.device != "cuda" and args.sampling_preset == "cogview-4b":
         raise NeedsCuda("cogview-4b sampling needs a GPU (run --sampling-preset tiny on a CPU)")
-    from benchmarks.sampling import VOCAB, preset_config, prompt_text_ids
-    from cogview.generation import generate_images
-    from cogview.modules.transformer import CogViewTransformer
-
     dtype = torch.float16 if args.device == "cuda" else torch.float32
     config = preset_config(args.sampling_preset)
     with torch.device("meta"):

@@ -118,7 +118,7 @@ def hf_gpt2_from(model: CogViewTransformer):
     ``model`` must have GPT2_ARCHITECTURE (pre-LN, no PB-relax); then the two compute the same
     function: learned positions, GELU(tanh), tied head, biases everywhere, LN eps 1e-5.
     """
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel  # deferred on purpose: a dev-only install
 
     config = model.config
     if config.sandwich_ln or config.pb_relax:
@@ -239,7 +239,7 @@ def head_flops_share(config: TransformerConfig, prompt_len: int, image_tokens: i
 
 def vs_hf_section(args) -> dict:
     """Our sampler vs transformers' GPT-2 generate, fp32 and bf16, in one interleaved run each."""
-    import transformers
+    import transformers  # deferred on purpose: a dev-only install
 
     transformers.logging.set_verbosity_error()
     batch, image_tokens = args.batch, args.image_tokens

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -133,15 +134,11 @@ def run_point(args, batch: int) -> dict:
 
 def plot_curve(result: dict, path: Path) -> None:
     """Two panels over batch size (log2 axis): tokens/s, and peak memory with the KV cache."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     points = result["points"]
     batches = [p["batch"] for p in points]
     model = result["model"]
-    fig, (speed, memory) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    speed, memory = fig.subplots(1, 2)
     speed.plot(batches, [p["tokens_per_s"] for p in points], "o-", color="tab:blue")
     speed.set_ylabel("generated image tokens / s")
     speed.set_title("throughput")
@@ -163,7 +160,6 @@ def plot_curve(result: dict, path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     print(f"wrote {path}")
 
 

@@ -33,12 +33,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import lightning as L
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import machine_info, median_time, write_json  # noqa: E402
 from cogview.config import CONF_DIR  # noqa: E402
+from cogview.data.shapes import sample_scene  # noqa: E402
 from cogview.modules.losses import span_groups  # noqa: E402
 from cogview.modules.transformer import CogViewTransformer  # noqa: E402
 from cogview.modules.vqvae import VQVAE, VQVAEConfig  # noqa: E402
@@ -67,8 +69,6 @@ def make_batches(task: T2ITask, batch: int, count: int, image_tokens: int,
     """t2i batches with the real layout: shapes-zh training captions (char tokenizer ids,
     valid in either vocabulary; 9-33 characters, 19 on average, so about 87 tokens; batches
     padded to their longest) or, with ``text_len``, random text of that length; random codes."""
-    from cogview.data.shapes import sample_scene
-
     vocab = task.vocab
     generator = torch.Generator().manual_seed(0)
     text_lo, text_hi = vocab.text_range
@@ -127,7 +127,7 @@ def timed_loop(model, loss_fn, batches, steps: int, precision: str, warmup: int 
 
 def hf_gpt2(task: T2ITask, length: int):
     """HF GPT-2 with the task model's layers, width, heads, vocabulary; no dropout."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel  # deferred on purpose: a dev-only install
 
     config = task.model.config
     torch.manual_seed(0)
@@ -150,8 +150,6 @@ class StepTimer:
     """Times Lightning training steps after a warm-up (a minimal callback)."""
 
     def __init__(self, warmup: int) -> None:
-        import lightning as L
-
         timer = self
 
         class _Callback(L.Callback):
@@ -167,8 +165,6 @@ class StepTimer:
 
 def lightning_loop(task: T2ITask, batches, steps: int, precision: str) -> float:
     """Seconds per step of the t2i LightningModule under lightning.Trainer."""
-    import lightning as L
-
     timer = StepTimer(warmup=2)
     trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=steps + 2,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,

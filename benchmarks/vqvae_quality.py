@@ -74,7 +74,7 @@ def evaluate(model: VQVAE, n: int, size: int, seed: int, batch_size: int = 64) -
     }
 
 
-def picture(metrics: dict, count: int = 12) -> "Image.Image":
+def picture(metrics: dict, count: int = 12):
     """Originals over reconstructions: failed read-backs first, then the first others."""
     order = sorted(range(len(metrics["_matches"])), key=lambda i: metrics["_matches"][i])
     failed = [i for i in order if not metrics["_matches"][i]][: count // 2]

@@ -14,38 +14,39 @@ Gradio's cached files older than cleanup.max_age_hours are deleted, so it can ru
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import html
+import logging
 import os
+import re
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import gradio as gr
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from PIL import Image, UnidentifiedImageError
+
+from cogview.config import CONF_DIR
+from cogview.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image, resize_center_crop
+from cogview.exports import find_exports
+from cogview.inference import jsonl, write_rows
+from cogview.pipeline import Pipeline, grid_side
+from cogview.tokenization.layouts import TASKS
+
 
 # Before gradio is imported: no telemetry or version-check calls (the demo must work offline).
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-import atexit  # noqa: E402
-import contextlib  # noqa: E402
-import html  # noqa: E402
-import logging  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import socket  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-import zipfile  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Callable, Iterator  # noqa: E402
-
-import gradio as gr  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-from PIL import Image, UnidentifiedImageError  # noqa: E402
-
-from cogview.config import CONF_DIR  # noqa: E402
-from cogview.data.images import (DEFAULT_MAX_PIXELS, ImageDecodeError, load_image,  # noqa: E402
-                                 resize_center_crop)
-from cogview.exports import find_exports  # noqa: E402
-from cogview.inference import jsonl, write_rows  # noqa: E402
-from cogview.pipeline import Pipeline, grid_side  # noqa: E402
-from cogview.tokenization.layouts import TASKS  # noqa: E402
 
 log = logging.getLogger("cogview.app")
 MAX_SEED = 2**31 - 1
@@ -629,8 +630,6 @@ def launch(cfg: DictConfig, models: DemoModels | None = None,
 
 def compose_config(overrides: list[str]) -> DictConfig:
     """cogview/conf/app.yaml with command-line overrides (key=value)."""
-    from hydra import compose, initialize_config_dir
-
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         return compose(config_name="app", overrides=overrides)
 

@@ -16,6 +16,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from cogview.config import CONF_DIR
 
 
@@ -60,8 +62,6 @@ def overview() -> str:
 
 def config_groups(config: Path) -> list[str]:
     """`group (default; options: a, b)` for each config group the yaml's defaults list uses."""
-    from omegaconf import OmegaConf
-
     lines = []
     for entry in OmegaConf.to_container(OmegaConf.load(config)).get("defaults", []):
         if not isinstance(entry, dict):
@@ -75,8 +75,6 @@ def config_groups(config: Path) -> list[str]:
 
 def command_help(name: str) -> str:
     """Usage, summary, config groups and keys with their defaults."""
-    from omegaconf import OmegaConf
-
     command = COMMANDS[name]
     lines = [f"usage: cogview {name} [key=value ...]", "", f"{command.summary}."]
     if command.config is not None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 INFERENCE_CONF_DIR = CONF_DIR / "inference"
@@ -13,8 +14,6 @@ INFERENCE_CONF_DIR = CONF_DIR / "inference"
 
 def register_resolvers() -> None:
     """Custom OmegaConf resolvers used in the configs (``${eq:a,b}``)."""
-    from omegaconf import OmegaConf
-
     if not OmegaConf.has_resolver("eq"):
         OmegaConf.register_new_resolver("eq", lambda a, b: str(a) == str(b))
 
@@ -22,8 +21,6 @@ def register_resolvers() -> None:
 def compose_config(name: str, overrides: list[str] | None = None,
                    config_dir: Path = CONF_DIR) -> DictConfig:
     """``<config_dir>/<name>.yaml`` with ``key=value`` overrides, as a Hydra app composes it."""
-    from hydra import compose, initialize_config_dir
-
     register_resolvers()
     with initialize_config_dir(config_dir=str(config_dir), version_base=None):
         return compose(config_name=name, overrides=list(overrides or []))

@@ -27,7 +27,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from cogview.config import compose_config
 from cogview.cpu import cpu_summary
+from cogview.data.pretokenize import pretokenize
+from cogview.eval.plots import plot_loss_curves, plot_quality_curves
+from cogview.eval.shapes_bench import T2I_TARGETS, markdown, run
 from cogview.exports import EXPORT_CONFIG
+from cogview.pipeline import Pipeline
 from cogview.precision import auto_precision
 from cogview.tokenization.layouts import TASKS
 from cogview.training import train
@@ -63,8 +67,6 @@ def train_vqvae(demo: DictConfig, out: Path) -> None:
 
 def pretokenize_shapes(demo: DictConfig, vqvae: Path, out: Path, size: int, samples: int,
                        shard_size: int, sr: bool = False) -> None:
-    from cogview.data.pretokenize import pretokenize
-
     cfg = compose_config("pretokenize", [
         f"vqvae_dir={vqvae}", f"out={out}", "source.kind=shapes",
         f"source.shapes.length={samples}", f"source.shapes.seed={demo.seed}",
@@ -99,9 +101,6 @@ def train_sequence_task(demo: DictConfig, task: str, vqvae: Path, shards: Path, 
 
 def evaluate(demo: DictConfig, exports: dict[str, Path], report_dir: Path) -> dict:
     """The shapes-zh benchmark on the demo's exports (what ``infer.py task=eval`` runs)."""
-    from cogview.eval.shapes_bench import run
-    from cogview.pipeline import Pipeline
-
     pipes = {task: Pipeline.from_pretrained(path) for task, path in exports.items()}
     ev = demo.eval
     return run(**pipes, out_dir=report_dir, write_report=False,
@@ -121,9 +120,6 @@ def read_curves(runs_dir: Path) -> dict[str, list[dict]]:
 def plots(runs_dir: Path, report_dir: Path, curves: dict[str, list[dict]]) -> dict:
     """Loss curves of the runs and quality against training time (the accuracy bars come
     with the benchmark)."""
-    from cogview.eval.plots import plot_loss_curves, plot_quality_curves
-    from cogview.eval.shapes_bench import T2I_TARGETS
-
     pictures = {}
     logs = {task: runs_dir / task / "logs" / "metrics.csv" for task in ("vqvae", "t2i", "caption", "sr")}
     logs = {task: path for task, path in logs.items() if path.is_file()}
@@ -156,8 +152,6 @@ def machine_summary() -> dict:
 
 def write_report(report_dir: Path, timings: dict, results: dict, pictures: dict,
                  runs_dir: Path, curves: dict[str, list[dict]]) -> Path:
-    from cogview.eval.shapes_bench import markdown
-
     machine = machine_summary()
     lines = ["# cogview demo on shapes-zh", "",
              f"Every stage on this machine: {machine['cpu']} ({machine['cpu_isa']}, native bf16: "

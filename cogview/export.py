@@ -20,7 +20,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 from hydra.utils import get_class
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from cogview.safe_load import CheckpointError, check_finite, load_torch_file
 
@@ -44,8 +46,6 @@ def sharded_checkpoint_kind(directory: Path) -> str | None:
 
 def consolidate_checkpoint(directory: Path, out: Path, trust_pickle: bool = False) -> Path:
     """A sharded checkpoint directory (FSDP or DeepSpeed) -> one Lightning checkpoint file."""
-    import torch
-
     kind = sharded_checkpoint_kind(directory)
     if kind is None:
         raise ValueError(f"ckpt={directory} is a directory but not a sharded checkpoint (FSDP: "
@@ -56,7 +56,7 @@ def consolidate_checkpoint(directory: Path, out: Path, trust_pickle: bool = Fals
             "checkpoint, whose metadata is a Python pickle that cannot be read weights-only: "
             "pass trust_pickle=true if your own run wrote it")
     if kind == "deepspeed":
-        try:
+        try:  # deferred on purpose: it imports deepspeed, an optional install
             from lightning.pytorch.utilities.deepspeed import (
                 convert_zero_checkpoint_to_fp32_state_dict,
             )
@@ -66,8 +66,6 @@ def consolidate_checkpoint(directory: Path, out: Path, trust_pickle: bool = Fals
             raise CheckpointError(f"ckpt={directory} is a DeepSpeed checkpoint: consolidating it "
                                   f"needs deepspeed (pip install deepspeed): {error}") from None
         return out
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
     dcp_to_torch_save(directory, out)  # {"model": ..., "optimizer_0": ...}
     checkpoint = torch.load(out, map_location="cpu", weights_only=False)
     meta = directory / "meta.pt"  # everything else Lightning saved (hparams, task class, ...)

@@ -21,6 +21,11 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import torch
 
+try:  # numpy's array-unpickling function (moved to numpy._core in numpy 2)
+    from numpy._core.multiarray import _reconstruct as numpy_reconstruct
+except ImportError:  # numpy 1.x
+    from numpy.core.multiarray import _reconstruct as numpy_reconstruct
+
 log = logging.getLogger(__name__)
 
 
@@ -36,15 +41,6 @@ class NonFiniteWeightsError(ValueError):
     """Weights holding NaN or infinite values (a diverged or corrupted run)."""
 
 
-def _numpy_reconstruct():
-    """numpy's array-unpickling function (moved to numpy._core in numpy 2)."""
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy 1.x
-        from numpy.core.multiarray import _reconstruct
-    return _reconstruct
-
-
 def safe_globals() -> list:
     """What ``weights_only`` loading accepts beyond tensors and plain containers.
 
@@ -54,7 +50,7 @@ def safe_globals() -> list:
     raw bytes. Any other class is refused (see ``load_torch_file``). cogview's own Lightning
     checkpoints need none of these: they hold tensors, numbers, strings and containers only.
     """
-    reconstruct = _numpy_reconstruct()
+    reconstruct = numpy_reconstruct
     return [
         argparse.Namespace,
         np.ndarray,

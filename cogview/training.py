@@ -8,16 +8,20 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor
 from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from cogview.callbacks import AtomicCheckpointIO
 from cogview.callbacks.checkpoint import remove_stale_temporaries
 from cogview.config import CONF_DIR, register_resolvers
-from cogview.modules.transformer import TransformerConfig
-from cogview.precision import resolve_precision
 from cogview.export import sharded_checkpoint_kind
+from cogview.modules.transformer import Block, TransformerConfig
+from cogview.precision import resolve_precision
 from cogview.safe_load import CheckpointError, check_finite, load_torch_file
 
 log = logging.getLogger("cogview.train")
@@ -48,13 +52,11 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
     """Lightning Trainer from ``cfg.trainer`` plus the configured logger and callbacks;
     ``precision: auto`` is resolved for the accelerator (cogview.precision); checkpoints are
     written atomically (AtomicCheckpointIO)."""
-    from cogview.callbacks import AtomicCheckpointIO
-
     logger_cfg = cfg.get("logger")
     if logger_cfg and str(logger_cfg.get("_target_", "")).endswith("WandbLogger"):
         # One W&B run per job: a run left open by an earlier job of this process (Hydra -m)
         # would otherwise be reused; the default name is "<task>-<run directory name>".
-        import wandb
+        import wandb  # deferred on purpose: only logger=wandb needs it
 
         if wandb.run is not None:
             wandb.finish()
@@ -73,8 +75,6 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
 def log_resolved_config(trainer: L.Trainer, cfg: DictConfig) -> None:
     """The run's whole Hydra config, interpolations resolved, as the W&B run's config (the
     LightningModule's own hyperparameters are logged beside it by Lightning)."""
-    from lightning.pytorch.loggers import WandbLogger
-
     loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
     if not loggers:
         return
@@ -143,12 +143,8 @@ def gather_model_state_dict(trainer: L.Trainer, task) -> dict | None:
     strategy shards them: FSDP's shards are gathered into a full state dict (every rank must
     call this), DeepSpeed ZeRO-3's partitioned parameters are gathered for the copy. Other
     strategies hold every weight on rank 0 already: None (export ``task.model`` itself)."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
-
     strategy = trainer.strategy
     if isinstance(strategy, FSDPStrategy):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         full = get_model_state_dict(strategy.model, options=StateDictOptions(
             full_state_dict=True, cpu_offload=True))
         if not trainer.is_global_zero:
@@ -156,7 +152,7 @@ def gather_model_state_dict(trainer: L.Trainer, task) -> dict | None:
         return {name.removeprefix("model."): value for name, value in full.items()
                 if name.startswith("model.")}
     if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
-        import deepspeed
+        import deepspeed  # deferred on purpose: an optional install (trainer=deepspeed_*)
 
         with deepspeed.zero.GatheredParameters(list(task.model.parameters()), modifier_rank=None):
             if not trainer.is_global_zero:
@@ -179,20 +175,14 @@ def export_after_fit(trainer: L.Trainer, task, directory: str, name: str) -> Non
 
 def finish_wandb(trainer: L.Trainer) -> None:
     """Closes the W&B run of this fit (a sweep's next job then starts its own)."""
-    from lightning.pytorch.loggers import WandbLogger
-
     if any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
-        import wandb
+        import wandb  # deferred on purpose: only logger=wandb needs it
 
         wandb.finish()
 
 
 def fsdp_strategy(**kwargs):
     """Lightning's FSDPStrategy wrapping each transformer block in its own FSDP unit."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    from cogview.modules.transformer import Block
-
     return FSDPStrategy(auto_wrap_policy={Block}, **kwargs)
 
 

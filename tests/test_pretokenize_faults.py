@@ -139,11 +139,11 @@ def test_a_worker_that_cannot_start_is_a_clear_error_not_a_restart_loop(
 
 
 def test_worker_pool_settings_are_checked(vqvae_dir, tmp_path):
-    with pytest.raises(ValueError, match="worker_retries=-1 must be >= 0"):
+    with pytest.raises(ValueError, match="worker_retries=-1 must be an int >= 0"):
         run(vqvae_dir, tmp_path / "a", "worker_retries=-1")
-    with pytest.raises(ValueError, match="max_pixels=0 must be >= 1"):
+    with pytest.raises(ValueError, match="max_pixels=0 must be an int >= 1"):
         run(vqvae_dir, tmp_path / "b", "max_pixels=0")
-    with pytest.raises(ValueError, match="max_member_bytes=0 must be >= 1"):
+    with pytest.raises(ValueError, match="max_member_bytes=0 must be an int >= 1"):
         run(vqvae_dir, tmp_path / "c", "max_member_bytes=0")
 
 

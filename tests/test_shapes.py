@@ -339,7 +339,7 @@ def test_cli_writes_readable_shards(tmp_path, capsys):
     (["n=3"], ["out=DIR"]),
     (["out=x", "splt=train"], ["'splt'", "split", "shard_size"]),
     (["out=x", "split=val"], ["'val'", "train", "heldout"]),
-    (["out=x", "n=zero"], ["n=", "'zero'", "integer"]),
+    (["out=x", "n=zero"], ["n=", "'zero'", "an int >= 1"]),
     (["out=x", "size=0"], ["size", ">= 8"]),
     (["out=x", "verbose"], ["'verbose'", "key=value"]),
 ])

@@ -1,7 +1,10 @@
 """The shared argument check: one rule, one message shape."""
 
+import numpy as np
 import pytest
 
+from cogview.callbacks.monitor import NaNMonitor
+from cogview.data.stream import TokenShardStream
 from cogview.validate import check_int
 
 
@@ -12,3 +15,20 @@ def test_check_int_accepts_ints_in_range_and_names_the_rest():
             check_int("n", value)
     with pytest.raises(ValueError, match=r"c=9 must be an int in 1\.\.8 \(codebook entries\)"):
         check_int("c", 9, 1, 8, meaning="codebook entries")
+
+
+def test_check_int_takes_numpy_integers_and_returns_a_python_int():
+    value = check_int("size", np.int64(64), 8)
+    assert value == 64 and type(value) is int
+    with pytest.raises(ValueError, match=r"size=np\.int64\(4\) must be an int >= 8"):
+        check_int("size", np.int64(4), 8)
+    with pytest.raises(ValueError, match=r"must be an int >= 1"):
+        check_int("n", np.float32(3.0))
+
+
+def test_every_package_check_uses_the_shared_message(tmp_path):
+    """Counts from configs and constructors name the key, the value and the range."""
+    with pytest.raises(ValueError, match=r"NaNMonitor max_consecutive_skips=0 must be an int >= 1"):
+        NaNMonitor(max_consecutive_skips=0)
+    with pytest.raises(ValueError, match=r"data\.batch_size=0 must be an int >= 1"):
+        TokenShardStream([str(tmp_path / "a.tar")], None, batch_size=0)

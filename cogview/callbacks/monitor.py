@@ -11,7 +11,10 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
+
+from cogview.validate import check_int
 
 log = logging.getLogger("cogview.monitor")
 
@@ -48,12 +51,11 @@ class NaNMonitor(Callback):
     def __init__(self, log_every_n_steps: int | None = None, max_consecutive_skips: int = 20,
                  layer_stats: bool = True, dirpath: str | None = None) -> None:
         super().__init__()
-        if log_every_n_steps is not None and log_every_n_steps < 1:
-            raise ValueError(f"NaNMonitor(log_every_n_steps={log_every_n_steps}): must be >= 1, "
-                             "or null to follow trainer.log_every_n_steps")
-        if max_consecutive_skips < 1:
-            raise ValueError(f"NaNMonitor(max_consecutive_skips={max_consecutive_skips}): must be "
-                             ">= 1 (the number of non-finite steps in a row that stops training)")
+        if log_every_n_steps is not None:
+            check_int("NaNMonitor log_every_n_steps", log_every_n_steps,
+                      meaning="null: follow trainer.log_every_n_steps")
+        check_int("NaNMonitor max_consecutive_skips", max_consecutive_skips,
+                  meaning="non-finite steps in a row that stop training")
         self.log_every_n_steps = log_every_n_steps
         self.max_consecutive_skips = max_consecutive_skips
         self.layer_stats = layer_stats
@@ -73,8 +75,6 @@ class NaNMonitor(Callback):
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
         if isinstance(trainer.strategy, DeepSpeedStrategy):
             rank_zero_warn("NaNMonitor under DeepSpeed: gradients live in DeepSpeed's buffers, so "
                            "this monitor cannot drop a step; train/skipped_steps counts the steps "
@@ -253,8 +253,6 @@ def _stats_model(pl_module: L.LightningModule):
 
 def _grads_are_sharded(trainer: L.Trainer) -> bool:
     """FSDP keeps a shard of each (flattened) gradient per rank; DDP keeps full copies."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
     return isinstance(trainer.strategy, FSDPStrategy)
 
 

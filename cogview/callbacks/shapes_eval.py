@@ -22,9 +22,22 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from cogview.data.shapes import eval_prompts
+from cogview.eval.oracle import evaluate
+from cogview.eval.shapes_bench import (
+    CAPTION_NUM_BEAMS,
+    SR_REFINE_SWEEPS,
+    caption_benchmark,
+    sr_benchmark,
+)
+from cogview.generation import generate_images
+from cogview.generation.beam import check_num_beams
+from cogview.generation.superres import check_refine_args
 from cogview.tokenization.layouts import TASKS
+from cogview.validate import check_int
 from cogview.visualize import image_grid
 
 SPLITS = ("seen", "heldout", "two")
@@ -42,16 +55,11 @@ class ShapesOracleEval(Callback):
                  temperature: float = 1.0, dirpath: str | None = None,
                  caption_num_beams: int | None = None, sr_refine_sweeps: int | None = None) -> None:
         if caption_num_beams is not None:
-            from cogview.generation.beam import check_num_beams
-
             check_num_beams(caption_num_beams)
         if sr_refine_sweeps is not None:
-            from cogview.generation.superres import check_refine_args
-
             check_refine_args(sr_refine_sweeps)
-        if every_n_steps < 1 or prompts_per_split < 1:
-            raise ValueError(f"every_n_steps={every_n_steps} and prompts_per_split="
-                             f"{prompts_per_split} must be positive")
+        check_int("shapes_eval.every_n_steps", every_n_steps)
+        check_int("shapes_eval.prompts_per_split", prompts_per_split)
         unknown = set(splits) - set(SPLITS)
         if unknown:
             raise ValueError(f"splits {sorted(unknown)} unknown; choose from {SPLITS}")
@@ -106,10 +114,6 @@ class ShapesOracleEval(Callback):
 
     @torch.no_grad()
     def evaluate(self, trainer, pl_module) -> dict:
-        from cogview.data.shapes import eval_prompts
-        from cogview.eval.oracle import evaluate
-        from cogview.generation import generate_images
-
         if trainer.global_rank != 0:
             return {}
         if pl_module.layout_name != "t2i":
@@ -140,9 +144,6 @@ class ShapesOracleEval(Callback):
 
     def evaluate_pipeline(self, trainer, pl_module) -> dict:
         """caption / sr: the benchmark's own scoring on the model being trained."""
-        from cogview.eval.shapes_bench import (CAPTION_NUM_BEAMS, SR_REFINE_SWEEPS,
-                                               caption_benchmark, sr_benchmark)
-
         precision = str(trainer.precision)
         precision = ("bf16-mixed" if precision.startswith("bf16") else
                      "16-mixed" if precision.startswith("16") else "32-true")
@@ -168,8 +169,6 @@ class ShapesOracleEval(Callback):
     def _log_to_wandb(self, trainer) -> None:
         """With a W&B logger: the curve so far as a table (one row per evaluation) and the
         t2i samples of this evaluation as one grid per split."""
-        from lightning.pytorch.loggers import WandbLogger
-
         for logger in trainer.loggers:
             if not isinstance(logger, WandbLogger):
                 continue

@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-from cogview.config import CONF_DIR
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue
+
+from cogview.config import CONF_DIR
+from cogview.convert import convert_transformer, convert_vqvae
 
 CONFIG = CONF_DIR / "convert.yaml"
 KINDS = ("transformer", "vqvae")
@@ -41,8 +43,6 @@ def parse_args(argv: list[str]) -> DictConfig:
 
 def run(cfg: DictConfig) -> Path:
     """Runs the conversion ``cfg`` describes; returns the output directory."""
-    from cogview.convert import convert_transformer, convert_vqvae
-
     src, out = str(cfg.src), str(cfg.out)  # a path like 1000 parses as an int
     if cfg.kind == "vqvae":
         return convert_vqvae(src, out, trust_pickle=cfg.trust_pickle)

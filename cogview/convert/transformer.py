@@ -34,8 +34,6 @@ import torch
 import yaml
 
 from cogview.config import CONF_DIR
-from cogview.exports import IMAGE_TOKENIZER_DIR, TEXT_TOKENIZER_DIR, write_export_info
-from cogview.model_card import write_model_card
 from cogview.convert.checkpoint import (
     CheckpointError,
     extract_state_dict,
@@ -43,8 +41,12 @@ from cogview.convert.checkpoint import (
     load_torch_file,
     write_safetensors,
 )
+from cogview.convert.vqvae import convert_vqvae
+from cogview.exports import IMAGE_TOKENIZER_DIR, TEXT_TOKENIZER_DIR, write_export_info
+from cogview.model_card import write_model_card
 from cogview.modules.transformer import CONFIG_KIND, CogViewTransformer, TransformerConfig
 from cogview.modules.vqvae import read_vqvae_config
+from cogview.tokenization import SentencePieceTokenizer, load_text_tokenizer
 from cogview.tokenization.layouts import TASKS
 from cogview.tokenization.vocab import CogViewVocab
 from cogview.validate import check_int
@@ -200,8 +202,6 @@ def match_state(state: dict[str, torch.Tensor], config: TransformerConfig,
 
 def load_tokenizer(tokenizer: str | Path | None):
     """CogView's SentencePiece file (cog-pretrain.model) or a saved text_tokenizer/ directory."""
-    from cogview.tokenization import SentencePieceTokenizer, load_text_tokenizer
-
     if not tokenizer:
         raise ValueError("tokenizer= is required: the SentencePiece model the checkpoint was "
                          "trained with (CogView: cog-pretrain.model)")
@@ -214,8 +214,6 @@ def load_tokenizer(tokenizer: str | Path | None):
 def prepare_vqvae(vqvae: str | Path | None, target: Path, trust_pickle: bool) -> Path:
     """The VQ-VAE export to ship with the model: a converted directory as it is, or CogView's
     .pt file converted into ``target``."""
-    from cogview.convert.vqvae import convert_vqvae
-
     if not vqvae:
         raise ValueError("vqvae= is required: a converted VQ-VAE directory (python -m "
                          "cogview.convert kind=vqvae ...) or CogView's vqvae_hard_biggerset_011.pt")

@@ -22,6 +22,8 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
+from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
+
 CSRC = Path(__file__).resolve().parent
 SOURCE = CSRC / "pb_relax_softmax_cuda.cu"
 HOST_SOURCE = CSRC / "pb_relax_softmax.cpp"
@@ -43,8 +45,6 @@ def find_nvcc() -> str | None:
 
 def _common_flags() -> list[str]:
     """Defines and include dirs shared by the nvcc and the host compiler checks."""
-    from torch.utils.cpp_extension import include_paths
-
     flags = ["-DWITH_CUDA", "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C"]
     # CPU-only torch wheels ship c10/cuda headers but not the file CMake generates for them.
     if not any((Path(d) / "c10/cuda/impl/cuda_cmake_macros.h").is_file() for d in include_paths()):
@@ -56,8 +56,6 @@ def _common_flags() -> list[str]:
 
 def nvcc_command(nvcc: str, output: Path, archs: list[str]) -> list[str]:
     """The nvcc command line that compiles SOURCE to `output`."""
-    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
-
     # COMMON_NVCC_FLAGS: what torch's BuildExtension adds for every .cu (half operators off, ...).
     command = [nvcc, "-c", str(SOURCE), "-o", str(output), *COMMON_NVCC_FLAGS, *NVCC_FLAGS,
                "-Xcompiler", "-fPIC"]

@@ -22,7 +22,6 @@ from cogview.data.fingerprint import (
 from cogview.data.pretokenize import build_text_tokenizer_from_config
 from cogview.data.shards import ShardSet, decode_sample, load_manifest, load_npy, resolve_shards
 from cogview.data.stream import (
-    LAYOUT_TASKS,
     SPLIT_MODES,
     LayoutBatcher,
     TokenShardStream,
@@ -30,6 +29,7 @@ from cogview.data.stream import (
 )
 from cogview.modules.vqvae import read_vqvae_config
 from cogview.tokenization import CogViewVocab, text_slots_for
+from cogview.tokenization.layouts import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,8 @@ class TokenDataModule(L.LightningDataModule):
         world_size: int | None = None,
     ) -> None:
         super().__init__()
-        if layout not in LAYOUT_TASKS:
-            raise ValueError(f"data.layout={layout!r}; choose one of {list(LAYOUT_TASKS)}")
+        if layout not in TASKS:
+            raise ValueError(f"data.layout={layout!r}; choose one of {list(TASKS)}")
         if not train_shards:
             raise ValueError("data.train_shards is required: the pretokenizer's out= directory, "
                              "a brace pattern such as 'tokens/tokens-{000000..000009}.tar', or "

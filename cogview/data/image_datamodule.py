@@ -8,11 +8,12 @@ from dataclasses import dataclass
 import lightning as L
 import numpy as np
 import torch
+import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from cogview.data.images import (DEFAULT_MAX_PIXELS, ImageDecodeError, load_image,
-                                 resize_center_crop)
+from cogview.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image, resize_center_crop
 from cogview.data.shapes import ShapesZh
+from cogview.validate import check_int
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
@@ -60,8 +61,6 @@ class ShardImages(IterableDataset):
         self.skipped = SkipCounter()
 
     def __iter__(self):
-        import webdataset as wds
-
         pipeline = wds.WebDataset(
             self.urls, shardshuffle=100 if self.shuffle else False, resampled=self.resampled,
             nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
@@ -112,9 +111,9 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError("data.source=shards needs data.train_shards=<path or pattern>")
         if size % 8:
             raise ValueError(f"data.size={size} must be a multiple of 8")
-        if max_pixels is not None and max_pixels < 1:
-            raise ValueError(f"data.max_pixels={max_pixels} would skip every image: give a "
-                             "positive pixel count (null: no limit)")
+        if max_pixels is not None:
+            check_int("data.max_pixels", max_pixels,
+                      meaning="pixels of the largest image to decode; null: no limit")
         self.source, self.size, self.batch_size = source, size, batch_size
         self.num_workers, self.seed = num_workers, seed
         self.train_length, self.val_length = train_length, val_length

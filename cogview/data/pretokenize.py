@@ -61,6 +61,7 @@ import hashlib
 import io
 import json
 import logging
+import multiprocessing as mp
 import os
 import time
 from collections import Counter, deque
@@ -70,7 +71,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import hydra
 import numpy as np
+import torch
+import webdataset as wds
+from omegaconf import OmegaConf
+from PIL import Image
+from tqdm import tqdm
 
 from cogview.config import CONF_DIR
 from cogview.data.fingerprint import image_tokenizer_fingerprint
@@ -84,6 +91,9 @@ from cogview.data.sources import (
     not_utf8_message,
 )
 from cogview.data.tar_reader import DEFAULT_MAX_MEMBER_BYTES
+from cogview.modules.vqvae import VQVAE
+from cogview.tokenization import build_text_tokenizer, encode_caption, load_text_tokenizer
+from cogview.validate import check_int
 
 log = logging.getLogger("cogview.pretokenize")
 
@@ -165,8 +175,6 @@ def sorted_lost(lost: dict[str, Counter]) -> dict[str, dict[str, int]]:
 
 def build_text_tokenizer_from_config(cfg: dict):
     """Text tokenizer from {kind, model_file} or {dir} (a directory written by tokenizer.save)."""
-    from cogview.tokenization import build_text_tokenizer, load_text_tokenizer
-
     cfg = dict(cfg or {})
     if cfg.get("dir"):
         return load_text_tokenizer(cfg["dir"])
@@ -225,8 +233,6 @@ def _init_pool_worker(*init_args) -> None:
 
 def prepare_sample(raw: RawSample) -> Prepared | Skipped:
     """Load one input (in a worker): decode + resize the image, tokenize the caption."""
-    from cogview.tokenization import encode_caption
-
     def skipped(reason: str, message: str) -> Skipped:
         return Skipped(raw.position, raw.key, reason, message, raw.part)
 
@@ -248,8 +254,6 @@ def prepare_sample(raw: RawSample) -> Prepared | Skipped:
         image = resize_center_crop(loaded.image, size)
         lowres = None
         if _WORKER["sr"]:
-            from PIL import Image
-
             lowres = np.asarray(image.resize((size // 2, size // 2), Image.Resampling.LANCZOS))
     except (OSError, ValueError, MemoryError) as error:  # PIL resamples lazily-decoded data
         return skipped("undecodable_image", f"sample {raw.key}: cannot resize its "
@@ -298,8 +302,6 @@ class WorkerPool:
     """
 
     def __init__(self, num_workers: int, init_args: tuple, retries: int) -> None:
-        import multiprocessing as mp
-
         self.num_workers, self.init_args, self.retries = num_workers, init_args, retries
         self.context = mp.get_context("fork" if os.name == "posix" else "spawn")
         self.generation = 0  # counts the pools started; a future carries its pool's number
@@ -412,8 +414,6 @@ class ShardWriter:
 
     def __init__(self, out: Path, prefix: str, shard: ShardId, shard_size: int, signature: str,
                  fingerprints: dict, url_template: str | None = None) -> None:
-        import webdataset as wds
-
         self.out, self.prefix, self.shard = out, prefix, shard
         self.name = shard_name(prefix, shard)
         self.path = out / self.name
@@ -443,8 +443,6 @@ class ShardWriter:
             "signature": self.signature, "fingerprints": self.fingerprints,
         }
         if self.url is not None:
-            import webdataset as wds
-
             with open(self.tmp, "rb") as source, wds.gopen(self.url, "wb") as target:
                 while piece := source.read(1 << 20):
                     target.write(piece)
@@ -481,8 +479,6 @@ class _SkipLog:
 
 def encode_images(vqvae, images: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
     """uint8 images [(S, S, 3)] -> codes [B, S/8, S/8] as `dtype`, one batched VQ-VAE pass."""
-    import torch
-
     batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (B, 3, S, S) uint8
     codes = vqvae.encode(batch.to(vqvae.pixel_mean.device))  # (B, S/8, S/8) int64
     return codes.cpu().numpy().astype(dtype)
@@ -595,21 +591,17 @@ def _check_config(cfg) -> None:
     if cfg.sr and size % 16:
         raise ValueError(f"sr=true needs size={size} to be a multiple of 16, so that the "
                          f"low-res image ({size}/2 px) is a multiple of 8 too")
-    for name in ("shard_size", "batch_size"):
-        if int(cfg[name]) < 1:
-            raise ValueError(f"{name}={cfg[name]} must be >= 1")
-    if int(cfg.num_workers) < 0:
-        raise ValueError(f"num_workers={cfg.num_workers} must be >= 0 (0 = in the main process)")
-    if int(cfg.get("worker_retries", DEFAULT_WORKER_RETRIES)) < 0:
-        raise ValueError(f"worker_retries={cfg.worker_retries} must be >= 0 (times a sample "
-                         "whose worker died is retried alone before it is skipped)")
+    check_int("shard_size", cfg.shard_size, meaning="samples per output shard")
+    check_int("batch_size", cfg.batch_size, meaning="images per VQ-VAE encoding pass")
+    check_int("num_workers", cfg.num_workers, 0, meaning="0: in the main process")
+    check_int("worker_retries", cfg.get("worker_retries", DEFAULT_WORKER_RETRIES), 0,
+              meaning="times a sample whose worker died is retried alone before it is skipped")
     max_pixels = cfg.get("max_pixels", DEFAULT_MAX_PIXELS)
-    if max_pixels is not None and int(max_pixels) < 1:
-        raise ValueError(f"max_pixels={max_pixels} must be >= 1 (pixels, width x height, of the "
-                         "largest image to decode), or null for no limit")
-    if int(cfg.get("max_member_bytes", DEFAULT_MAX_MEMBER_BYTES)) < 1:
-        raise ValueError(f"max_member_bytes={cfg.max_member_bytes} must be >= 1 (bytes of the "
-                         "largest input tar member to read)")
+    if max_pixels is not None:
+        check_int("max_pixels", max_pixels, meaning="pixels, width x height, of the largest "
+                  "image to decode; null: no limit")
+    check_int("max_member_bytes", cfg.get("max_member_bytes", DEFAULT_MAX_MEMBER_BYTES),
+              meaning="bytes of the largest input tar member to read")
     if not cfg.out:
         raise ValueError("out=DIR is required: where the shards and manifest.json go")
     if not cfg.vqvae_dir:
@@ -628,10 +620,6 @@ class Pretokenizer:
     """
 
     def __init__(self, cfg) -> None:
-        from omegaconf import OmegaConf
-
-        from cogview.modules.vqvae import VQVAE
-
         if not isinstance(cfg, dict):
             cfg = OmegaConf.to_container(cfg, resolve=True)
         cfg = OmegaConf.create(cfg)
@@ -770,8 +758,6 @@ class Pretokenizer:
                               int(cfg.get("worker_retries", DEFAULT_WORKER_RETRIES)))
         else:
             _init_worker(*init_args)
-        from tqdm import tqdm
-
         remaining = None
         if not self.per_input:
             remaining = sum(min(self.num_items, (u + 1) * self.shard_size) - u * self.shard_size
@@ -956,8 +942,6 @@ def pretokenize(cfg) -> dict:
 
 def main() -> None:
     """Hydra entry point: python -m cogview.data.pretokenize key=value ..."""
-    import hydra
-
     @hydra.main(config_path=str(CONF_DIR), config_name="pretokenize", version_base=None)
     def _run(cfg) -> None:
         pretokenize(cfg)

@@ -30,7 +30,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import webdataset as wds
 from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from cogview.validate import check_int
+
 
 # ----------------------------------------------------------------------------------------
 # The fixed vocabulary of the spec
@@ -315,8 +320,7 @@ def _check_scene(scene: dict) -> None:
 
 def render_scene(scene: dict, size: int = 64) -> Image.Image:
     """Render a scene on an S x S RGB canvas (S=size): draw at 4x, Lanczos-downsample."""
-    if not isinstance(size, (int, np.integer)) or size < 8:
-        raise ValueError(f"size={size!r} must be an int >= 8 (canvas side in pixels)")
+    size = check_int("size", size, 8, meaning="canvas side in pixels")
     _check_scene(scene)
     hi = SUPERSAMPLE * int(size)
     canvas = Image.new("RGB", (hi, hi), BACKGROUND)
@@ -369,8 +373,7 @@ class ShapesZh(torch.utils.data.Dataset):
             raise ValueError(f"length={length} must be >= 0")
         if seed < 0:
             raise ValueError(f"seed={seed} must be >= 0")
-        if not isinstance(size, int) or size < 8:
-            raise ValueError(f"size={size!r} must be an int >= 8 (canvas side in pixels)")
+        check_int("size", size, 8, meaning="canvas side in pixels")
         self.split, self.size, self.length, self.seed = split, size, length, seed
         self.as_tensor = as_tensor
 
@@ -421,12 +424,10 @@ def parse_cli_args(argv: list[str]) -> dict[str, Any]:
         else:
             minimum = {"n": 1, "size": 8, "seed": 0, "shard_size": 1}[key]
             try:
-                number = int(value)
+                value = int(value)
             except ValueError:
-                number = None
-            if number is None or number < minimum:
-                raise ValueError(f"{key}={value!r} must be an integer >= {minimum}")
-            args[key] = number
+                pass  # check_int names the value
+            args[key] = check_int(key, value, minimum)
     if args["out"] is None:
         raise ValueError(f"missing required option out=DIR. {CLI_USAGE}")
     return args
@@ -455,9 +456,6 @@ def write_shards(
     Each shard is written to a temporary name and renamed when complete, so a reader never
     sees a partial shard.
     """
-    import webdataset as wds
-    from tqdm import tqdm
-
     check_split(split)
     os.makedirs(out, exist_ok=True)
     paths = []

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+from webdataset.gopen import gopen
 
 from cogview.data.pretokenize import MANIFEST_NAME
 from cogview.data.tar_reader import expand_urls
@@ -43,8 +44,6 @@ class ShardSet:
 
 def load_manifest(path: str) -> dict:
     """Read a manifest.json from a local path or any URL webdataset's gopen opens."""
-    from webdataset.gopen import gopen
-
     if not str(path).startswith(("pipe:", "http:", "https:")) and not Path(path).is_file():
         raise FileNotFoundError(f"manifest {path} not found: pretokenize writes manifest.json "
                                 "beside the shards; pass data.manifest=PATH if it lives elsewhere")

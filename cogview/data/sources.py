@@ -39,6 +39,7 @@ from typing import Any, Iterator
 from PIL import Image
 
 from cogview.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
+from cogview.data.shapes import check_split, render_scene, sample_scene
 from cogview.data.tar_reader import (
     DEFAULT_MAX_MEMBER_BYTES,
     TarProblem,
@@ -46,6 +47,8 @@ from cogview.data.tar_reader import (
     expand_urls,
     read_tar,
 )
+from cogview.validate import check_int
+
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +122,8 @@ class ShapesSource:
 
     def __init__(self, split: str = "train", length: int = 10_000, seed: int = 0,
                  size: int = 64) -> None:
-        from cogview.data.shapes import check_split
-
         check_split(split)
-        if length < 1:
-            raise ValueError(f"source.length={length} must be >= 1 (number of shapes-zh samples)")
+        check_int("source.length", length, meaning="number of shapes-zh samples")
         self.split, self.length, self.seed, self.size = split, int(length), int(seed), int(size)
 
     def describe(self) -> dict:
@@ -137,8 +137,6 @@ class ShapesSource:
             yield RawSample(position=index, key=f"{index:09d}", payload=index)
 
     def load(self, raw: RawSample) -> LoadedSample:
-        from cogview.data.shapes import render_scene, sample_scene
-
         scene, caption = sample_scene(self.seed, self.split, raw.payload)
         meta = {"source": "shapes-zh", "split": self.split, "seed": self.seed,
                 "index": raw.payload, "scene": scene}

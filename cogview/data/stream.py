@@ -46,15 +46,16 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.filters import shuffle
 
 from cogview.data.shards import BadSample, TokenSample, decode_sample
 from cogview.data.tar_reader import TarProblem, read_tar
 from cogview.tokenization import CogViewVocab, caption_layout, sr_layout, t2i_layout, text_limit
 from cogview.tokenization.layouts import TASKS
+from cogview.validate import check_int
 
 log = logging.getLogger(__name__)
 
-LAYOUT_TASKS = TASKS  # the layouts a stream batches
 SPLIT_MODES = ("auto", "shard", "sample")
 
 
@@ -92,11 +93,11 @@ class LayoutBatcher:
     def __init__(self, vocab: CogViewVocab, task: str = "t2i", *, max_text_len: int | None = None,
                  pad_to: int | None = None, caption_end_token: str | None = None,
                  sr_window: int = 0, text_slots: int | None = None) -> None:
-        if task not in LAYOUT_TASKS:
+        if task not in TASKS:
             raise ValueError(f"data.layout={task!r} is not a task layout; choose one of "
-                             f"{list(LAYOUT_TASKS)}")
-        if max_text_len is not None and max_text_len < 1:
-            raise ValueError(f"data.max_text_len={max_text_len} must be >= 1 or null")
+                             f"{list(TASKS)}")
+        if max_text_len is not None:
+            check_int("data.max_text_len", max_text_len, meaning="text tokens; null: no limit")
         self.vocab, self.task = vocab, task
         self.max_text_len, self.pad_to = max_text_len, pad_to
         self.caption_end_token, self.sr_window = caption_end_token, sr_window
@@ -246,8 +247,7 @@ class TokenShardStream(IterableDataset):
         super().__init__()
         if not urls:
             raise ValueError("TokenShardStream needs at least one shard")
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size={batch_size} must be >= 1")
+        check_int("data.batch_size", batch_size)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
         self.urls, self.batcher, self.batch_size = list(urls), batcher, batch_size
@@ -333,8 +333,6 @@ class TokenShardStream(IterableDataset):
         log.warning("skipped [%s]: %s", reason, message)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        from webdataset.filters import shuffle
-
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch, done = self.epoch, self.batches_done

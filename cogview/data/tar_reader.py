@@ -9,6 +9,8 @@ that says what was lost, and every complete sample before it is delivered whole.
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
 import logging
 import lzma
@@ -17,6 +19,9 @@ import tarfile
 import zlib
 from dataclasses import dataclass, field
 from typing import Iterator
+
+from webdataset.gopen import gopen
+from webdataset.shardlists import expand_urls as wds_expand
 
 log = logging.getLogger(__name__)
 
@@ -285,9 +290,6 @@ class _Prepend:
 
 def _decompressed(stream, first_block: bytes):
     """(stream, its first block): decompressing gzip / bzip2 / xz input, passing tar through."""
-    import bz2
-    import gzip
-
     openers = ((b"\x1f\x8b", lambda f: gzip.GzipFile(fileobj=f)), (b"BZh", bz2.BZ2File),
                (b"\xfd7zXZ\x00", lzma.LZMAFile))
     for magic, opener in openers:
@@ -383,8 +385,6 @@ def read_tar(url: str, select: set[str] | None = None,
     unread: its record carries an "oversized_member" problem naming it, and the rest of the
     tar is read on. `select` keeps only those extensions.
     """
-    from webdataset.gopen import gopen
-
     try:
         stream = gopen(url, "rb")
     except Exception as error:  # gopen raises whatever its backend raises
@@ -416,8 +416,6 @@ def read_tar(url: str, select: set[str] | None = None,
 
 def expand_urls(urls: str | list[str]) -> list[str]:
     """Brace patterns ('shard-{000..009}.tar'), '::'-joined lists or a list -> list of URLs."""
-    from webdataset.shardlists import expand_urls as wds_expand
-
     if isinstance(urls, str):
         return list(wds_expand(urls))
     return [str(u) for u in urls]

@@ -31,6 +31,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cogview.data.shapes import COLORS, SHAPES
+from cogview.eval.oracle import read_scene
+from cogview.modules.vqvae import VQVAE
+
 DEFAULT_FEATURES = "random"  # make_feature_extractor spec for shapes-zh FID
 DEFAULT_CLASSIFIER = "oracle"  # make_classifier spec for shapes-zh IS
 
@@ -377,16 +381,12 @@ class OracleClassifier(nn.Module):
 
     def __init__(self):
         super().__init__()
-        from cogview.data.shapes import COLORS, SHAPES
-
         self.classes = [(c, s) for c in COLORS for s in SHAPES] + [("", "")]  # last: no object
         self.index = {pair: i for i, pair in enumerate(self.classes)}
         self.num_features = len(self.classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """[N, 3, S, S] in [0, 1] -> [N, 29]."""
-        from cogview.eval.oracle import read_scene
-
         probs = torch.zeros(images.shape[0], self.num_features, dtype=torch.float64)  # (N, 29)
         for i, image in enumerate(images.detach().cpu()):
             objects = read_scene(image)["objects"]
@@ -430,8 +430,6 @@ def make_feature_extractor(spec: str | nn.Module = DEFAULT_FEATURES) -> nn.Modul
         raise ValueError(f"feature spec {spec!r} needs a path after the colon, e.g. '{kind}:/path'")
     if kind == "inception":
         return InceptionV3.from_file(arg, output="pool")
-    from cogview.modules.vqvae import VQVAE
-
     if not (Path(arg) / "config.json").is_file():
         raise ValueError(f"feature spec {spec!r}: {arg!r} is not a VQ-VAE export directory "
                          "(no config.json); pass e.g. 'vqvae:artifacts/demo/vqvae'")

@@ -37,6 +37,7 @@ from cogview.eval.features import (
     make_classifier,
     make_feature_extractor,
 )
+from cogview.validate import check_int
 
 FID_RADII = (0, 1, 2, 4, 8)  # CogView's FID-k blur radii
 SSIM_WINDOW = 11  # torchmetrics' default Gaussian window; images must be at least this wide
@@ -140,8 +141,7 @@ def extract_features(images: torch.Tensor, extractor: nn.Module, batch_size: int
                      name: str = "images") -> torch.Tensor:
     """Run `extractor` over images [N, 3, H, W] in batches, in eval mode (restored after):
     -> float64 features [N, D] on the CPU."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    check_int("batch_size", batch_size)
     device = next(iter(extractor.parameters()), torch.empty(0)).device
     was_training = extractor.training
     extractor.eval()

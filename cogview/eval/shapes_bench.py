@@ -19,7 +19,8 @@ from PIL import Image
 
 from cogview.data.shapes import eval_prompts, render_scene
 from cogview.eval import metrics
-from cogview.eval.oracle import evaluate, read_scene, score_scene
+from cogview.eval.oracle import evaluate, evaluate_captions, read_scene, score_scene
+from cogview.eval.plots import plot_accuracy_bars
 from cogview.visualize import comparison_grid, image_grid
 
 SPLITS = ("seen", "heldout", "two")
@@ -125,8 +126,6 @@ def caption_benchmark(pipe, splits=SPLITS, images_per_split: int = 64, seed: int
     are the most likely of ``num_beams`` beams (4 by default: on a 4,800-step captioner, 91.4 %
     of two-object scenes against 87.9 % greedy, 256 images); with more than one beam the
     greedy captions' exact match is reported beside them (``greedy_exact_match``)."""
-    from cogview.eval.oracle import evaluate_captions
-
     out_dir = Path(out_dir) if out_dir else None
     size = 8 * int(round(pipe.image_tokens ** 0.5))
     results = {}
@@ -284,8 +283,6 @@ def run(t2i=None, caption=None, sr=None, out_dir: str | Path = "outputs/eval",
         write_report: bool = True, **settings) -> dict:
     """All benchmarks for the pipelines given; writes the pictures, the accuracy bars and
     (unless ``write_report=False``, for a caller writing its own) eval.json and report.md."""
-    from cogview.eval.plots import plot_accuracy_bars
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}

@@ -21,10 +21,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from cogview.modules.pb_relax import pb_relax_softmax, pb_relax_softmax_reference
+from cogview.safe_load import check_finite
 
 ATTENTION_IMPLS = ("pb_relax", "sdpa", "eager")
 CONFIG_KIND = "cogview-transformer"
@@ -434,8 +436,6 @@ class CogViewTransformer(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Writes ``model.safetensors`` and ``config.json`` into ``directory``."""
-        from safetensors.torch import save_model
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = {"kind": CONFIG_KIND, **asdict(self.config)}
@@ -452,10 +452,6 @@ class CogViewTransformer(nn.Module):
         random init, no second copy), cast to ``dtype`` (default float32): a 4B fp16 export
         loads with ``dtype=torch.float16`` in about its file size of memory.
         """
-        from safetensors.torch import load_file
-
-        from cogview.safe_load import check_finite
-
         directory = Path(directory)
         config_path, weights_path = directory / "config.json", directory / "model.safetensors"
         for path in (config_path, weights_path):

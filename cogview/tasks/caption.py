@@ -6,10 +6,10 @@ import json
 
 import torch
 
+from cogview.generation import generate_captions
 from cogview.tasks.sequence import SequenceTask
 from cogview.tokenization.layouts import extract_image_codes
 from cogview.visualize import image_grid
-
 
 class CaptionTask(SequenceTask):
     """Captioning; fine-tune it from a t2i checkpoint with ``task.init_from=...``."""
@@ -28,8 +28,6 @@ class CaptionTask(SequenceTask):
 
     @torch.no_grad()
     def log_samples(self, batch: dict) -> None:
-        from cogview.generation import generate_captions
-
         rows = batch["input_ids"][:4].cpu()
         codes = [extract_image_codes(self.vocab, row) for row in rows]
         was_training = self.model.training

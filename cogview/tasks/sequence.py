@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from cogview.exports import (
     IMAGE_TOKENIZER_DIR,
@@ -23,7 +24,8 @@ from cogview.exports import (
 from cogview.model_card import write_model_card
 from cogview.modules.losses import check_loss_vocab, full_loss, span_loss
 from cogview.modules.transformer import CogViewTransformer, TransformerConfig
-from cogview.modules.vqvae import read_vqvae_config
+from cogview.modules.vqvae import VQVAE, read_vqvae_config
+from cogview.pipeline import Pipeline
 from cogview.safe_load import check_finite, check_state_dict, load_torch_file
 from cogview.tasks.base import CogViewTask
 from cogview.tokenization import build_text_tokenizer, load_text_tokenizer, text_slots_for
@@ -45,8 +47,6 @@ def checkpoint_state_dict(source: str | Path, trust_pickle: bool = False) -> dic
     ``trust_pickle``) or an export directory; NaN or inf weights are an error."""
     source = Path(source)
     if source.is_dir():
-        from safetensors.torch import load_file
-
         weights = source / "model.safetensors"
         if not weights.is_file():
             raise FileNotFoundError(f"init_from={source}: no model.safetensors in that directory")
@@ -235,8 +235,6 @@ class SequenceTask(CogViewTask):
     def image_tokenizer(self):
         """The VQ-VAE (loaded on first use, for decoding periodic samples)."""
         if self._image_tokenizer is None:
-            from cogview.modules.vqvae import VQVAE
-
             # Not a submodule: the frozen VQ-VAE stays out of state_dict, checkpoints and the
             # optimiser (nn.Module.__setattr__ would register it).
             object.__setattr__(self, IMAGE_TOKENIZER_ATTR,
@@ -289,7 +287,5 @@ class SequenceTask(CogViewTask):
     def pipeline(self, precision: str = "auto"):
         """The model being trained as an in-memory ``Pipeline`` (same weights, no copy), for
         evaluating while training. It puts the model in eval mode: restore train mode after."""
-        from cogview.pipeline import Pipeline
-
         return Pipeline(self.model, self.text_tokenizer, self.image_tokenizer.to(self.device), self.vocab,
                         self.export_info(), device=self.device, precision=precision)

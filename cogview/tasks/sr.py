@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from cogview.generation import generate_sr
 from cogview.tasks.sequence import SequenceTask
 from cogview.tokenization.layouts import extract_image_codes, extract_text_ids
 from cogview.visualize import comparison_grid
-
 
 class SRTask(SequenceTask):
     """Token-space 2x super-resolution conditioned on the caption and the low-res codes."""
@@ -17,8 +17,6 @@ class SRTask(SequenceTask):
 
     @torch.no_grad()
     def log_samples(self, batch: dict) -> None:
-        from cogview.generation import generate_sr
-
         rows = batch["input_ids"][:4].cpu()
         lowres = [extract_image_codes(self.vocab, row, which=1) for row in rows]
         target = [extract_image_codes(self.vocab, row, which=2) for row in rows]

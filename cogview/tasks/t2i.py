@@ -6,9 +6,10 @@ import json
 
 import torch
 
+from cogview.data.shapes import eval_prompts
+from cogview.generation import generate_images
 from cogview.tasks.sequence import SequenceTask
 from cogview.visualize import image_grid
-
 
 def drop_text(batch: dict[str, torch.Tensor], rows: torch.Tensor, text_mask_key: str = "text_mask",
               keep_positions: bool = False) -> dict[str, torch.Tensor]:
@@ -48,9 +49,6 @@ class T2ITask(SequenceTask):
 
     @torch.no_grad()
     def log_samples(self, batch: dict) -> None:
-        from cogview.data.shapes import eval_prompts
-        from cogview.generation import generate_images
-
         prompts = list(self.hparams.sample_prompts or [])
         if not prompts:
             prompts = [p["caption"] for kind in ("seen", "heldout", "two")

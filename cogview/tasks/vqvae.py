@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
+from cogview.eval.oracle import read_scene, score_scene
 from cogview.modules.vqvae import VQVAE, VQVAEConfig
 from cogview.tasks.base import CogViewTask
 from cogview.visualize import comparison_grid, psnr
-
 
 class VQVAETask(CogViewTask):
     """Reconstruction + commitment loss; logs PSNR, codebook usage and perplexity, and
@@ -82,8 +82,6 @@ class VQVAETask(CogViewTask):
 
 def oracle_match(images: torch.Tensor, recons: torch.Tensor) -> float:
     """Fraction of reconstructions whose scene the shapes-zh oracle reads as the original's."""
-    from cogview.eval.oracle import read_scene, score_scene
-
     matches = [score_scene(read_scene(recon), read_scene(image))["full_match"]
                for image, recon in zip(images, recons)]
     return sum(matches) / max(1, len(matches))

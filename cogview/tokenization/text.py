@@ -21,6 +21,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Protocol, runtime_checkable
 
+import sentencepiece as spm
+
 CONFIG_FILE = "tokenizer.json"
 SPM_FILE = "spm.model"
 
@@ -197,8 +199,6 @@ class SentencePieceTokenizer:
     kind = "sentencepiece"
 
     def __init__(self, model_file: str | Path) -> None:
-        import sentencepiece as spm
-
         self.model_file = Path(model_file)
         if not self.model_file.is_file():
             raise FileNotFoundError(

@@ -14,7 +14,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .text import SPM_FILE, SentencePieceTokenizer
+import sentencepiece as spm
+
+from cogview.tokenization.text import SPM_FILE, SentencePieceTokenizer
 
 MODEL_TYPES = ("unigram", "bpe", "char")
 
@@ -53,8 +55,6 @@ def train_sentencepiece(
     num_threads: int = 4,
 ) -> SentencePieceTokenizer:
     """Train on INPUT (one caption per line), write OUT/spm.model (+ .vocab, tokenizer.json)."""
-    import sentencepiece as spm
-
     input, out = Path(input), Path(out)
     if not input.is_file():
         raise FileNotFoundError(
