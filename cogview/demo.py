@@ -30,7 +30,7 @@ from cogview.cpu import cpu_summary
 from cogview.data.pretokenize import pretokenize
 from cogview.eval.plots import plot_loss_curves, plot_quality_curves
 from cogview.eval.shapes_bench import T2I_TARGETS, markdown, run
-from cogview.exports import EXPORT_CONFIG
+from cogview.exports import EXPORT_CONFIG, MODEL_WEIGHTS
 from cogview.pipeline import Pipeline
 from cogview.precision import auto_precision
 from cogview.tokenization.layouts import TASKS
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     vqvae, shards, sr_shards = artifacts / "vqvae", artifacts / "shards", artifacts / "shards-sr"
     exports = {task: artifacts / task for task in TASKS}
     timings = {
-        "VQ-VAE": stage("train the VQ-VAE", vqvae / "model.safetensors",
+        "VQ-VAE": stage("train the VQ-VAE", vqvae / MODEL_WEIGHTS,
                         lambda: train_vqvae(demo, vqvae)),
         "pretokenize 64 px": stage(
             "pretokenize shapes-zh (64 px)", shards / "manifest.json",

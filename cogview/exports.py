@@ -19,9 +19,10 @@ from pathlib import Path
 from cogview.tokenization.layouts import TASKS
 
 EXPORT_CONFIG = "cogview.json"
+MODEL_CONFIG = "config.json"  # a model's architecture (transformer or VQ-VAE)
+MODEL_WEIGHTS = "model.safetensors"
 TEXT_TOKENIZER_DIR = "text_tokenizer"
 IMAGE_TOKENIZER_DIR = "vqvae"
-EXPORT_TASKS = TASKS  # the tasks an export can hold: t2i, caption, sr
 
 
 def is_export(directory: str | Path) -> bool:
@@ -54,21 +55,21 @@ def find_exports(path: str | Path) -> dict[str, Path]:
         raise FileNotFoundError(f"{path} is not a directory: pass an export directory "
                                 "(<run>/export) or a folder with t2i/, caption/, sr/ exports "
                                 "(`make demo` writes artifacts/demo)")
-    candidates = [root] if (root / EXPORT_CONFIG).is_file() else [root / t for t in EXPORT_TASKS]
+    candidates = [root] if (root / EXPORT_CONFIG).is_file() else [root / t for t in TASKS]
     found: dict[str, Path] = {}
     for directory in candidates:
         if not (directory / EXPORT_CONFIG).is_file():
             continue
         task = read_export_info(directory).get("task")
-        if task not in EXPORT_TASKS:
+        if task not in TASKS:
             raise ValueError(f"{directory / EXPORT_CONFIG} says task={task!r}; expected one of "
-                             f"{EXPORT_TASKS}")
+                             f"{TASKS}")
         if directory != root and task != directory.name:
             raise ValueError(f"{directory} holds a {task} export; move it to {root / task}")
         found[task] = directory
     if not found:
         raise FileNotFoundError(
             f"{path} holds no cogview export (looked for {EXPORT_CONFIG} in it and in its "
-            f"{', '.join(t + '/' for t in EXPORT_TASKS)} folders); train one with "
+            f"{', '.join(t + '/' for t in TASKS)} folders); train one with "
             "`python train.py task=t2i` (it exports to <run>/export) or run `make demo`")
     return found

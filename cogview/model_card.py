@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from cogview.exports import read_export_info
+from cogview.exports import EXPORT_CONFIG, MODEL_CONFIG, read_export_info
 
 CARD_NAME = "README.md"
 SCORES_NAME = "eval_scores.json"  # the shapes-zh benchmark's results for this export's task
@@ -90,7 +90,7 @@ def render_model_card(info: dict, config: dict, scores: dict | None = None) -> s
         lines.append("Not evaluated yet: `cogview infer task=eval ckpt=<this directory>` runs "
                      "the shapes-zh benchmark and writes its scores here.")
     lines += ["", "## Configuration", "", "```json",
-              json.dumps({"config.json": config, "cogview.json": info}, indent=1,
+              json.dumps({MODEL_CONFIG: config, EXPORT_CONFIG: info}, indent=1,
                          ensure_ascii=False), "```", ""]
     return "\n".join(lines)
 
@@ -103,7 +103,7 @@ def write_model_card(directory: str | Path, scores: dict | None = None) -> Path:
         (directory / SCORES_NAME).write_text(json.dumps(scores, indent=1, ensure_ascii=False),
                                              encoding="utf-8")
     info = read_export_info(directory)
-    config = _read_json(directory / "config.json")
+    config = _read_json(directory / MODEL_CONFIG)
     path = directory / CARD_NAME
     path.write_text(render_model_card(info, config, _read_json(directory / SCORES_NAME)),
                     encoding="utf-8")

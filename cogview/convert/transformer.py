@@ -42,7 +42,13 @@ from cogview.convert.checkpoint import (
     write_safetensors,
 )
 from cogview.convert.vqvae import convert_vqvae
-from cogview.exports import IMAGE_TOKENIZER_DIR, TEXT_TOKENIZER_DIR, write_export_info
+from cogview.exports import (
+    IMAGE_TOKENIZER_DIR,
+    MODEL_CONFIG,
+    MODEL_WEIGHTS,
+    TEXT_TOKENIZER_DIR,
+    write_export_info,
+)
 from cogview.model_card import write_model_card
 from cogview.modules.transformer import CONFIG_KIND, CogViewTransformer, TransformerConfig
 from cogview.modules.vqvae import read_vqvae_config
@@ -220,7 +226,7 @@ def prepare_vqvae(vqvae: str | Path | None, target: Path, trust_pickle: bool) ->
     vqvae = Path(vqvae)
     if vqvae.is_file():
         return convert_vqvae(vqvae, target, trust_pickle=trust_pickle)
-    config_path = vqvae / "config.json"
+    config_path = vqvae / MODEL_CONFIG
     if not config_path.is_file():
         raise FileNotFoundError(f"vqvae={vqvae}: no {config_path}; give a VQ-VAE directory "
                                 "written by python -m cogview.convert kind=vqvae")
@@ -298,10 +304,10 @@ def convert_transformer(src: str | Path, out: str | Path, vqvae: str | Path | No
     out.mkdir(parents=True, exist_ok=True)
     copy_vqvae(vqvae_dir, out / IMAGE_TOKENIZER_DIR)
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in weights.values()})
-    write_safetensors(weights, out / "model.safetensors", metadata={"format": "pt"})
+    write_safetensors(weights, out / MODEL_WEIGHTS, metadata={"format": "pt"})
     model_config = {"kind": CONFIG_KIND, "name": preset if _matches_preset(config, preset)
                     else f"{preset} (dims read from the checkpoint)", **asdict(config)}
-    (out / "config.json").write_text(json.dumps(model_config, indent=2, ensure_ascii=False))
+    (out / MODEL_CONFIG).write_text(json.dumps(model_config, indent=2, ensure_ascii=False))
     text_tokenizer.save(out / TEXT_TOKENIZER_DIR)
     info = {"task": task, "vocab": vocab.to_dict(), "max_text_len": max_text_len,
             "text_slots": None,  # CogView's sequential positions

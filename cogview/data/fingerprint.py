@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from cogview.modules.vqvae import WEIGHTS_NAME, read_vqvae_config
+from cogview.exports import MODEL_WEIGHTS
+from cogview.modules.vqvae import read_vqvae_config
 
 FINGERPRINT_LENGTH = 16  # hex digits of sha256 kept: 64 bits, ample to tell tokenizers apart
 
@@ -48,7 +49,7 @@ def image_tokenizer_fingerprint(vqvae: Any) -> str:
         return _hash_state(vqvae.config.to_dict(), vqvae.state_dict())
     directory = Path(vqvae)
     config = read_vqvae_config(directory).to_dict()
-    weights_path = directory / WEIGHTS_NAME
+    weights_path = directory / MODEL_WEIGHTS
     if not weights_path.is_file():
         raise FileNotFoundError(
             f"{weights_path} not found: the image tokenizer must be a directory written by "

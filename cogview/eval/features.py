@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from cogview.data.shapes import COLORS, SHAPES
 from cogview.eval.oracle import read_scene
+from cogview.exports import MODEL_CONFIG
 from cogview.modules.vqvae import VQVAE
 
 DEFAULT_FEATURES = "random"  # make_feature_extractor spec for shapes-zh FID
@@ -430,7 +431,7 @@ def make_feature_extractor(spec: str | nn.Module = DEFAULT_FEATURES) -> nn.Modul
         raise ValueError(f"feature spec {spec!r} needs a path after the colon, e.g. '{kind}:/path'")
     if kind == "inception":
         return InceptionV3.from_file(arg, output="pool")
-    if not (Path(arg) / "config.json").is_file():
+    if not (Path(arg) / MODEL_CONFIG).is_file():
         raise ValueError(f"feature spec {spec!r}: {arg!r} is not a VQ-VAE export directory "
                          "(no config.json); pass e.g. 'vqvae:artifacts/demo/vqvae'")
     return VQVAEFeatures(VQVAE.from_pretrained(arg))

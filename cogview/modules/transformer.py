@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from cogview.exports import MODEL_CONFIG, MODEL_WEIGHTS
 from cogview.modules.pb_relax import pb_relax_softmax, pb_relax_softmax_reference
 from cogview.safe_load import check_finite
 
@@ -439,8 +440,8 @@ class CogViewTransformer(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = {"kind": CONFIG_KIND, **asdict(self.config)}
-        (directory / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
-        save_model(self, str(directory / "model.safetensors"))
+        (directory / MODEL_CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False))
+        save_model(self, str(directory / MODEL_WEIGHTS))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu",
@@ -453,7 +454,7 @@ class CogViewTransformer(nn.Module):
         loads with ``dtype=torch.float16`` in about its file size of memory.
         """
         directory = Path(directory)
-        config_path, weights_path = directory / "config.json", directory / "model.safetensors"
+        config_path, weights_path = directory / MODEL_CONFIG, directory / MODEL_WEIGHTS
         for path in (config_path, weights_path):
             if not path.is_file():
                 raise FileNotFoundError(

@@ -38,12 +38,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from vector_quantize_pytorch import VectorQuantize
 
+from cogview.exports import MODEL_CONFIG, MODEL_WEIGHTS
 from cogview.safe_load import check_finite, check_state_dict
 
 ImageInput = Union[torch.Tensor, Image.Image, Sequence[Image.Image]]
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 CONFIG_KIND = "vqvae"
 
 # Per-channel statistics of CogView's training images; its released VQ-VAE expects
@@ -249,7 +248,7 @@ def read_vqvae_config(directory: str | os.PathLike) -> VQVAEConfig:
     """The config of a VQ-VAE saved by ``VQVAE.save_pretrained`` (reads config.json only: the
     codebook size, say, without loading weights). FileNotFoundError / ValueError name the path
     when it is missing, not JSON, or not a VQ-VAE's."""
-    config_path = Path(directory) / CONFIG_NAME
+    config_path = Path(directory) / MODEL_CONFIG
     if not config_path.is_file():
         raise FileNotFoundError(
             f"{config_path} not found: expected a directory written by VQVAE.save_pretrained "
@@ -530,9 +529,9 @@ class VQVAE(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(state, str(directory / MODEL_WEIGHTS), metadata={"format": "pt"})
         config = {"kind": CONFIG_KIND, **self.config.to_dict()}
-        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        (directory / MODEL_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
     @classmethod
     def from_pretrained(
@@ -544,7 +543,7 @@ class VQVAE(nn.Module):
         its config.json is not a VQ-VAE config, or the weights do not match the config.
         """
         directory = Path(directory)
-        weights_path = directory / WEIGHTS_NAME
+        weights_path = directory / MODEL_WEIGHTS
         config = read_vqvae_config(directory)
         if not weights_path.is_file():
             raise FileNotFoundError(

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from cogview.exports import (
     IMAGE_TOKENIZER_DIR,
+    MODEL_WEIGHTS,
     TEXT_TOKENIZER_DIR,
     is_export,
     read_export_info,
@@ -47,7 +48,7 @@ def checkpoint_state_dict(source: str | Path, trust_pickle: bool = False) -> dic
     ``trust_pickle``) or an export directory; NaN or inf weights are an error."""
     source = Path(source)
     if source.is_dir():
-        weights = source / "model.safetensors"
+        weights = source / MODEL_WEIGHTS
         if not weights.is_file():
             raise FileNotFoundError(f"init_from={source}: no model.safetensors in that directory")
         state = load_file(str(weights))
