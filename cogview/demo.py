@@ -93,7 +93,8 @@ def train_sequence_task(demo: DictConfig, task: str, vqvae: Path, shards: Path, 
         "callbacks=shapes", f"callbacks.shapes_eval.every_n_steps={budget.eval_every}",
         f"callbacks.shapes_eval.prompts_per_split={curve_size}",
         f"callbacks.shapes_eval.top_k={demo.eval.top_k}",
-        f"callbacks.shapes_eval.temperature={demo.eval.temperature}"]
+        f"callbacks.shapes_eval.temperature={demo.eval.temperature}",
+        f"callbacks.shapes_eval.cfg_scale={demo.eval.cfg_scale}"]
     if init_from is not None:
         overrides.append(f"task.init_from={init_from}")
     train(compose_config("train", overrides))
@@ -106,7 +107,7 @@ def evaluate(demo: DictConfig, exports: dict[str, Path], report_dir: Path) -> di
     return run(**pipes, out_dir=report_dir, write_report=False,
                prompts_per_split=ev.prompts_per_split, num_candidates=ev.num_candidates,
                seed=demo.seed, top_k=ev.top_k, temperature=ev.temperature,
-               rerank_temperature=ev.rerank_temperature,
+               rerank_temperature=ev.rerank_temperature, cfg_scale=ev.cfg_scale,
                caption_images=ev.caption_images, sr_images=ev.sr_images,
                caption_num_beams=ev.caption_num_beams)
 

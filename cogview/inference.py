@@ -588,7 +588,8 @@ def evaluate_exports(cfg: DictConfig, ranks: RankWork) -> Path:
         **pipes, out_dir=out, prompts_per_split=cfg.prompts_per_split,
         num_candidates=cfg.num_candidates, seed=cfg.seed, top_k=cfg.top_k,
         temperature=cfg.temperature, batch_size=cfg.max_inference_batch_size,
-        rerank_temperature=cfg.get("rerank_temperature"), fid_features=cfg.fid_features,
+        rerank_temperature=cfg.get("rerank_temperature"), cfg_scale=cfg.get("cfg_scale", 1.0),
+        fid_features=cfg.fid_features,
         is_classifier=cfg.is_classifier, caption_images=cfg.caption_images,
         sr_images=cfg.sr_images, sr_top_k=cfg.sr_top_k, sr_refine_sweeps=cfg.sr_refine_sweeps,
         caption_num_beams=cfg.caption_num_beams)

@@ -29,6 +29,8 @@ def test_demo_smoke_budget_writes_report_and_reuses_stages(tmp_path, capsys):
     assert set(scores["t2i"]) == {"seen", "heldout", "two"}
     for split in scores["t2i"].values():
         assert {"one_sample", "rerank", "caps", "fid", "fid_k", "is"} <= set(split)
+        assert split["cfg_scale"] == scores["config"]["eval"]["cfg_scale"] == 1.5
+    assert "classifier-free guidance 1.5" in report
     assert set(scores["caption"]) == {"seen", "heldout", "two"}
     assert {"psnr", "unrefined_psnr", "bicubic_psnr", "bicubic_input_psnr",
             "ssim"} <= set(scores["sr"]["seen"])

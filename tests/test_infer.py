@@ -304,3 +304,24 @@ def test_t2i_benchmark_draws_the_rerank_pool_at_its_own_temperature(exports):
     pool = t2i_benchmark(t2i, reranker=caption, temperature=1.0, **settings)["two"]
     assert pool["rerank"] == result["rerank"]  # the pool: the same draws as at temperature 1.0
     assert pool["random_pick_full_match"] == result["random_pick_full_match"]
+
+
+def test_t2i_benchmark_guides_every_draw_at_its_cfg_scale(exports):
+    from cogview import Pipeline
+    from cogview.eval.shapes_bench import t2i_benchmark
+
+    t2i = Pipeline.from_pretrained(exports / "t2i", precision="32-true")
+    scales = []
+
+    class Recording:  # the pipeline, noting the guidance scale of every t2i call
+        def __call__(self, *args, **kwargs):
+            scales.append(kwargs["cfg_scale"])
+            return t2i(*args, **kwargs)
+
+    result = t2i_benchmark(Recording(), splits=["two"], prompts_per_split=2, num_candidates=2,
+                           temperature=0.3, rerank_temperature=1.0, cfg_scale=2.5,
+                           progress=False)["two"]
+    assert scales == [2.5, 2.5] and result["cfg_scale"] == 2.5  # the pool and the 1-sample draw
+    guided = t2i(["左边有一个大的红色圆形"], num_images=1, seed=0, cfg_scale=2.5, progress=False)
+    plain = t2i(["左边有一个大的红色圆形"], num_images=1, seed=0, progress=False)
+    assert guided.images[0].tobytes() != plain.images[0].tobytes()  # guidance changes the draw

@@ -48,12 +48,14 @@ class ShapesOracleEval(Callback):
     steps (and at the end): t2i, caption and sr tasks. ``caption_num_beams``: beams for the
     captions (None: the caption benchmark's default, 4; greedy is scored beside them).
     ``sr_refine_sweeps``: the sr consistency refinement (None: the benchmark's 2, with the
-    sampled codes' PSNR beside; 0: the sampled codes only, as ``<split>_psnr``)."""
+    sampled codes' PSNR beside; 0: the sampled codes only, as ``<split>_psnr``).
+    ``cfg_scale``: classifier-free guidance for the t2i samples (1: off)."""
 
     def __init__(self, every_n_steps: int = 500, prompts_per_split: int = 32,
                  splits: tuple[str, ...] | list[str] = SPLITS, seed: int = 0, top_k: int = 50,
                  temperature: float = 1.0, dirpath: str | None = None,
-                 caption_num_beams: int | None = None, sr_refine_sweeps: int | None = None) -> None:
+                 caption_num_beams: int | None = None, sr_refine_sweeps: int | None = None,
+                 cfg_scale: float = 1.0) -> None:
         if caption_num_beams is not None:
             check_num_beams(caption_num_beams)
         if sr_refine_sweeps is not None:
@@ -68,6 +70,7 @@ class ShapesOracleEval(Callback):
         self.dirpath = Path(dirpath) if dirpath else None
         self.caption_num_beams = caption_num_beams
         self.sr_refine_sweeps = sr_refine_sweeps
+        self.cfg_scale = float(cfg_scale)
         self.history: list[dict] = []
         self.train_seconds = 0.0
         self._grids: dict = {}  # split -> grid of the last t2i evaluation's samples
@@ -131,7 +134,7 @@ class ShapesOracleEval(Callback):
                     codes = generate_images(
                         model, vocab, [tokenizer.encode(p["caption"]) for p in prompts],
                         side * side, [self.seed + i for i in range(len(prompts))],
-                        top_k=self.top_k, temperature=self.temperature,
+                        top_k=self.top_k, temperature=self.temperature, cfg_scale=self.cfg_scale,
                         max_text_len=pl_module.hparams.max_text_len,
                         text_slots=pl_module.text_slots)
                     images = vqvae.decode(codes.view(-1, side, side).to(vqvae_device(vqvae)))

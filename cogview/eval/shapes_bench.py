@@ -42,7 +42,8 @@ def t2i_benchmark(pipe, reranker=None, splits=SPLITS, prompts_per_split: int = 6
                   num_candidates: int = 8, seed: int = 0, top_k: int | None = 50,
                   temperature: float = 1.0, batch_size: int = 64, fid_features="random",
                   is_classifier="oracle", out_dir: str | Path | None = None,
-                  progress: bool = True, rerank_temperature: float | None = None) -> dict:
+                  progress: bool = True, rerank_temperature: float | None = None,
+                  cfg_scale: float = 1.0) -> dict:
     """Per split: ``num_candidates`` images per canonical prompt (candidate i: seed + i).
 
     "one_sample": oracle scores of candidate 0 (the 1-sample accuracy); with a reranker,
@@ -54,7 +55,7 @@ def t2i_benchmark(pipe, reranker=None, splits=SPLITS, prompts_per_split: int = 6
     ``rerank_temperature`` (default: ``temperature``) draws the candidate pool at its own
     temperature, e.g. 1.0 for a diverse pool (CogView's post-selection) while the 1-sample
     score uses a sharper ``temperature``; the 1-sample images are then drawn separately
-    (same seeds).
+    (same seeds). ``cfg_scale`` (classifier-free guidance, 1: off) applies to every draw.
     """
     out_dir = Path(out_dir) if out_dir else None
     pool_temperature = temperature if rerank_temperature is None else rerank_temperature
@@ -64,19 +65,22 @@ def t2i_benchmark(pipe, reranker=None, splits=SPLITS, prompts_per_split: int = 6
         captions = [p["caption"] for p in prompts]
         scenes = [p["scene"] for p in prompts]
         candidates = pipe(captions, num_images=num_candidates, seed=seed, top_k=top_k,
-                          temperature=pool_temperature, max_inference_batch_size=batch_size,
+                          temperature=pool_temperature, cfg_scale=cfg_scale,
+                          max_inference_batch_size=batch_size,
                           progress=progress).per_prompt  # [prompt][candidate]
         first = [group[0] for group in candidates]
         if pool_temperature != temperature:
             first = [group[0] for group in pipe(
                 captions, num_images=1, seed=seed, top_k=top_k, temperature=temperature,
-                max_inference_batch_size=batch_size, progress=progress).per_prompt]
+                cfg_scale=cfg_scale, max_inference_batch_size=batch_size,
+                progress=progress).per_prompt]
         size = first[0].width
         real = [render_scene(scene, size) for scene in scenes]
         matches = [[bool(score_scene(read_scene(image), scene)["full_match"]) for image in group]
                    for group, scene in zip(candidates, scenes)]
         result = {"n_prompts": len(prompts), "num_candidates": num_candidates,
                   "temperature": temperature, "rerank_temperature": pool_temperature,
+                  "cfg_scale": cfg_scale,
                   "one_sample": evaluate(first, scenes),
                   "random_pick_full_match": sum(map(sum, matches)) / sum(map(len, matches))}
         if reranker is not None:
@@ -213,7 +217,8 @@ def markdown(results: dict) -> list[str]:
     if "t2i" in results:
         first = next(iter(results["t2i"].values()))
         lines += ["## Text-to-image, scored by the shapes-zh oracle", "",
-                  f"One sample per canonical prompt (temperature {first.get('temperature', '?')}); "
+                  f"One sample per canonical prompt (temperature {first.get('temperature', '?')}, "
+                  f"classifier-free guidance {first.get('cfg_scale', 1.0)}); "
                   f"best-of-N by caption score vs a random pick of the same N (pool drawn at "
                   f"temperature {first.get('rerank_temperature', '?')}). "
                   "FID uses the configured feature extractor (default: a fixed random conv net, "
@@ -288,7 +293,7 @@ def run(t2i=None, caption=None, sr=None, out_dir: str | Path = "outputs/eval",
     results = {}
     t2i_settings = {k: v for k, v in settings.items() if k in (
         "prompts_per_split", "num_candidates", "seed", "top_k", "temperature", "batch_size",
-        "fid_features", "is_classifier", "rerank_temperature")}
+        "fid_features", "is_classifier", "rerank_temperature", "cfg_scale")}
     if t2i is not None:
         results["t2i"] = t2i_benchmark(t2i, reranker=caption, out_dir=out_dir, **t2i_settings)
     if caption is not None:
