@@ -122,7 +122,7 @@ def plots(runs_dir: Path, report_dir: Path, curves: dict[str, list[dict]]) -> di
     """Loss curves of the runs and quality against training time (the accuracy bars come
     with the benchmark)."""
     pictures = {}
-    logs = {task: runs_dir / task / "logs" / "metrics.csv" for task in ("vqvae", "t2i", "caption", "sr")}
+    logs = {task: runs_dir / task / "logs" / "metrics.csv" for task in ("vqvae", *TASKS)}
     logs = {task: path for task, path in logs.items() if path.is_file()}
     if logs:
         plot_loss_curves(logs, report_dir / "loss_curves.png")

@@ -33,7 +33,7 @@ from cogview.visualize import comparison_grid, image_grid, psnr, tensor_to_pil
 
 log = logging.getLogger("cogview.infer")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-TASKS = ("vqvae", "t2i", "caption", "rerank", "sr", "complete", "eval")
+INFER_TASKS = ("vqvae", "t2i", "caption", "rerank", "sr", "complete", "eval")  # infer task=...
 # What one sample may raise without stopping the run: it gets an "error" in its results.jsonl row
 # (ImageDecodeError is a ValueError: unreadable, truncated or above max_pixels).
 SAMPLE_ERRORS = (ImageDecodeError, FileNotFoundError, ValueError, MemoryError)
@@ -621,7 +621,7 @@ def infer(cfg: DictConfig) -> Path:
     if name == "vqvae":
         return reconstruct(cfg)
     if name not in runners:
-        raise ValueError(f"infer task={name!r} is not available; choose one of {TASKS}")
+        raise ValueError(f"infer task={name!r} is not available; choose one of {INFER_TASKS}")
     ranks = RankWork()
     try:
         return runners[name](cfg, ranks)

@@ -226,14 +226,13 @@ def prepare_vqvae(vqvae: str | Path | None, target: Path, trust_pickle: bool) ->
     vqvae = Path(vqvae)
     if vqvae.is_file():
         return convert_vqvae(vqvae, target, trust_pickle=trust_pickle)
-    config_path = vqvae / MODEL_CONFIG
-    if not config_path.is_file():
-        raise FileNotFoundError(f"vqvae={vqvae}: no {config_path}; give a VQ-VAE directory "
-                                "written by python -m cogview.convert kind=vqvae")
-    values = json.loads(config_path.read_text())
-    if values.get("kind") != "vqvae" or "num_codes" not in values:
-        raise ValueError(f"vqvae={vqvae}: {config_path} describes a {values.get('kind')!r}, "
-                         "not a VQ-VAE")
+    try:
+        read_vqvae_config(vqvae)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"vqvae={vqvae}: {err}; or give a VQ-VAE directory written by "
+                                "python -m cogview.convert kind=vqvae") from None
+    except ValueError as err:
+        raise ValueError(f"vqvae={vqvae}: {err}") from None
     return vqvae
 
 

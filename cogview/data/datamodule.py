@@ -30,6 +30,7 @@ from cogview.data.stream import (
 from cogview.modules.vqvae import read_vqvae_config
 from cogview.tokenization import CogViewVocab, text_slots_for
 from cogview.tokenization.layouts import TASKS
+from cogview.validate import check_int
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +113,7 @@ class TokenDataModule(L.LightningDataModule):
             raise ValueError("data.train_shards is required: the pretokenizer's out= directory, "
                              "a brace pattern such as 'tokens/tokens-{000000..000009}.tar', or "
                              "a list of URLs")
-        if num_val_shards < 0:
-            raise ValueError(f"data.num_val_shards={num_val_shards} must be >= 0")
+        check_int("data.num_val_shards", num_val_shards, 0)
         if split_by not in SPLIT_MODES:
             raise ValueError(f"data.split_by={split_by!r}; choose one of {list(SPLIT_MODES)}")
         if (rank is None) != (world_size is None):

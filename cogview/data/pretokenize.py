@@ -82,6 +82,7 @@ from tqdm import tqdm
 from cogview.config import CONF_DIR
 from cogview.data.fingerprint import image_tokenizer_fingerprint
 from cogview.data.images import DEFAULT_MAX_PIXELS, resize_center_crop
+from cogview.data.shards import MANIFEST_NAME
 from cogview.data.sources import (
     SKIP_REASONS,
     LoadedSample,
@@ -97,7 +98,6 @@ from cogview.validate import check_int
 
 log = logging.getLogger("cogview.pretokenize")
 
-MANIFEST_NAME = "manifest.json"
 FORMAT = "cogview-tokens"
 FORMAT_VERSION = 2  # 2: one output set per input tar for shards sources
 DEFAULT_WORKER_RETRIES = 2  # cogview/conf/pretokenize.yaml's worker_retries, for configs without it
@@ -584,10 +584,9 @@ def distributed_position(cfg) -> tuple[int, int, int]:
 
 
 def _check_config(cfg) -> None:
-    size = int(cfg.size)
-    if size < 8 or size % 8:
-        raise ValueError(f"size={size} must be a positive multiple of 8 (the VQ-VAE "
-                         "downsamples 8x)")
+    size = check_int("size", cfg.size, 8, meaning="image side in pixels")
+    if size % 8:
+        raise ValueError(f"size={size} must be a multiple of 8 (the VQ-VAE downsamples 8x)")
     if cfg.sr and size % 16:
         raise ValueError(f"sr=true needs size={size} to be a multiple of 16, so that the "
                          f"low-res image ({size}/2 px) is a multiple of 8 too")

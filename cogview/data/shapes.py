@@ -192,8 +192,8 @@ def check_split(split: str) -> int:
 
 def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
     """The Generator of sample `index`: seeded from (seed, split, index) alone."""
-    if seed < 0 or index < 0:
-        raise ValueError(f"seed and index must be >= 0, got seed={seed}, index={index}")
+    check_int("seed", seed, 0)
+    check_int("index", index, 0)
     return np.random.default_rng([int(seed), check_split(split), int(index)])
 
 
@@ -271,8 +271,7 @@ def eval_scenes(kind: str, n: int, seed: int = 0) -> list[dict]:
     """
     if kind not in EVAL_SETS:
         raise ValueError(f"eval set kind={kind!r} is unknown; choose one of {EVAL_SETS}")
-    if n < 0:
-        raise ValueError(f"n={n} must be >= 0")
+    check_int("n", n, 0)
     kind_id = 100 + EVAL_SETS.index(kind)  # disjoint from the split ids
     scenes = []
     if kind == "two":
@@ -369,10 +368,8 @@ class ShapesZh(torch.utils.data.Dataset):
         as_tensor: bool = False,
     ):
         check_split(split)
-        if length < 0:
-            raise ValueError(f"length={length} must be >= 0")
-        if seed < 0:
-            raise ValueError(f"seed={seed} must be >= 0")
+        check_int("length", length, 0)
+        check_int("seed", seed, 0)
         check_int("size", size, 8, meaning="canvas side in pixels")
         self.split, self.size, self.length, self.seed = split, size, length, seed
         self.as_tensor = as_tensor

@@ -16,8 +16,9 @@ from typing import Mapping, Sequence
 import numpy as np
 from webdataset.gopen import gopen
 
-from cogview.data.pretokenize import MANIFEST_NAME
 from cogview.data.tar_reader import expand_urls
+
+MANIFEST_NAME = "manifest.json"  # one per shard directory (written by cogview.data.pretokenize)
 
 
 # ------------------------------------------------------------------------------------------------

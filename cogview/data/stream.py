@@ -266,8 +266,8 @@ class TokenShardStream(IterableDataset):
         batches_done: batches of that epoch already trained on (a resumed run): per-epoch mode
         drops them, resampled mode mixes the number into its seeds; later epochs start whole.
         """
-        if epoch < 0 or batches_done < 0:
-            raise ValueError(f"set_epoch(epoch={epoch}, batches_done={batches_done}): both >= 0")
+        check_int("set_epoch epoch", epoch, 0)
+        check_int("set_epoch batches_done", batches_done, 0)
         self.epoch, self.batches_done = epoch, batches_done
 
     # -- stages ----------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from cogview.data.shapes import COLORS, SHAPES
 from cogview.eval.oracle import read_scene
 from cogview.exports import MODEL_CONFIG
 from cogview.modules.vqvae import VQVAE
+from cogview.validate import check_int
 
 DEFAULT_FEATURES = "random"  # make_feature_extractor spec for shapes-zh FID
 DEFAULT_CLASSIFIER = "oracle"  # make_classifier spec for shapes-zh IS
@@ -73,8 +74,9 @@ class RandomConvFeatures(nn.Module):
 
     def __init__(self, seed: int = 0, channels: tuple[int, ...] = (32, 64, 16), grid: int = 1):
         super().__init__()
-        if grid < 1 or not channels:
-            raise ValueError(f"grid={grid} must be >= 1 and channels={channels} non-empty")
+        check_int("grid", grid)
+        if not channels:
+            raise ValueError(f"channels={channels} must name at least one conv width")
         generator = torch.Generator().manual_seed(int(seed))
         layers: list[nn.Module] = []
         width = 3

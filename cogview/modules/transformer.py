@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from cogview.exports import MODEL_CONFIG, MODEL_WEIGHTS
 from cogview.modules.pb_relax import pb_relax_softmax, pb_relax_softmax_reference
 from cogview.safe_load import check_finite
+from cogview.validate import check_int
 
 ATTENTION_IMPLS = ("pb_relax", "sdpa", "eager")
 CONFIG_KIND = "cogview-transformer"
@@ -71,8 +72,7 @@ class TransformerConfig:
                 f"model.num_heads={self.num_heads}"
             )
         for name in ("num_layers", "hidden_size", "num_heads", "max_positions", "vocab_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"model.{name}={getattr(self, name)} must be positive")
+            check_int(f"model.{name}", getattr(self, name))
         if self.pb_relax_alpha <= 0:
             raise ValueError(f"model.pb_relax_alpha={self.pb_relax_alpha} must be positive")
 

@@ -40,6 +40,7 @@ from vector_quantize_pytorch import VectorQuantize
 
 from cogview.exports import MODEL_CONFIG, MODEL_WEIGHTS
 from cogview.safe_load import check_finite, check_state_dict
+from cogview.validate import check_int
 
 ImageInput = Union[torch.Tensor, Image.Image, Sequence[Image.Image]]
 
@@ -90,9 +91,7 @@ class VQVAEConfig:
                 "and std > 0"
             )
         for name in ("num_res_blocks", "res_channels", "code_dim", "num_codes"):
-            value = getattr(self, name)
-            if value < (0 if name == "num_res_blocks" else 1):
-                raise ValueError(f"VQVAEConfig.{name}={value} must be positive")
+            check_int(f"VQVAEConfig.{name}", getattr(self, name), 0 if name == "num_res_blocks" else 1)
         if not 0.0 <= self.decay < 1.0:
             raise ValueError(f"VQVAEConfig.decay={self.decay} must be in [0, 1), e.g. 0.99")
 

@@ -40,6 +40,8 @@ import torch
 
 from .vocab import CogViewVocab
 
+from cogview.validate import check_int
+
 TASKS = ("t2i", "caption", "sr")
 
 
@@ -107,8 +109,8 @@ def text_ids_to_tensor(
             "caption is empty (0 text tokens): give every image a non-empty caption; "
             "allow_empty_text=True is only for classifier-free-guidance caption dropout"
         )
-    if max_text_len is not None and max_text_len < 1:
-        raise ValueError(f"max_text_len must be >= 1 or None, got {max_text_len}")
+    if max_text_len is not None:
+        check_int("max_text_len", max_text_len, meaning="text tokens kept; None: no limit")
     truncated = 0
     if max_text_len is not None and tensor.numel() > max_text_len:
         truncated = tensor.numel() - max_text_len
@@ -174,8 +176,8 @@ def text_slots_for(fixed_image_positions: bool, max_text_len: int | None,
 
 
 def _check_text_slots(text_slots: int | None) -> None:
-    if text_slots is not None and not (isinstance(text_slots, int) and text_slots >= 1):
-        raise ValueError(f"text_slots must be an int >= 1 or None, got {text_slots!r}")
+    if text_slots is not None:
+        check_int("text_slots", text_slots, meaning="reserved text positions; None: none")
 
 
 def text_limit(max_text_len: int | None, text_slots: int | None) -> int | None:
@@ -187,10 +189,7 @@ def text_limit(max_text_len: int | None, text_slots: int | None) -> int | None:
 
 
 def _check_window(window: int) -> None:
-    if not (isinstance(window, int) and 0 <= window <= 8):
-        raise ValueError(
-            f"sr window must be an int in [0, 8] (tokens [POS0]..[POS8]), got {window!r}"
-        )
+    check_int("sr window", window, 0, 8, meaning="tokens [POS0]..[POS8]")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from cogview.tokenization.text import SPM_FILE, SentencePieceTokenizer
+from cogview.validate import check_int
 
 MODEL_TYPES = ("unigram", "bpe", "char")
 
@@ -62,8 +63,7 @@ def train_sentencepiece(
         )
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type={model_type!r} is not one of {list(MODEL_TYPES)}")
-    if vocab_size < 4:
-        raise ValueError(f"vocab_size={vocab_size} is too small (<unk>, <s>, </s> take three ids)")
+    check_int("vocab_size", vocab_size, 4, meaning="<unk>, <s>, </s> take three ids")
     out.mkdir(parents=True, exist_ok=True)
     prefix = out / Path(SPM_FILE).stem
     try:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from cogview.validate import check_int
+
 COMMAND_TOKENS: tuple[str, ...] = (
     "[PAD]",
     "[BOI1]", "[BOI2]", "[BOI3]",  # begin of image (1: base image, 2: super-resolved, 3: spare)
@@ -35,8 +37,7 @@ class CogViewVocab:
     def __init__(self, num_image_codes: int, text_vocab_size: int, pad_multiple: int = 128) -> None:
         for name, value in (("num_image_codes", num_image_codes),
                             ("text_vocab_size", text_vocab_size), ("pad_multiple", pad_multiple)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(name, value)
         self.num_image_codes = num_image_codes
         self.text_vocab_size = text_vocab_size
         self.pad_multiple = pad_multiple
