@@ -412,7 +412,7 @@ class DemoApp:
                                        refine_codebook=self.cfg.sr.get("refine_codebook", 0),
                                        callback=token_progress(
                                            progress, "high-res codes, then refinement", "steps"),
-                                       **self._sampling("sr"))[0]
+                                       **self._sampling("sr")).images[0]
         before = picture.resize(after.size, Image.Resampling.BICUBIC)
         rows = [{"id": 0, "prompt": prompt, "sample": 0, "seed": seed, "path": "00000_000.png"}]
         _, archive = self._save("sr", [after], rows, seed)
@@ -438,7 +438,7 @@ class DemoApp:
                                    seed=seed, progress=False,
                                    max_inference_batch_size=self.cfg.max_inference_batch_size,
                                    callback=token_progress(progress, "redrawn tokens"),
-                                   **self._sampling("completion"))
+                                   **self._sampling("completion")).images
         rows = [{"id": 0, "prompt": prompt, "sample": i, "seed": seed + i, "region": region,
                  "path": f"00000_{i:03d}.png"} for i in range(num_images)]
         paths, archive = self._save("completion", images, rows, seed)

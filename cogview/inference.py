@@ -501,7 +501,7 @@ def super_resolve(cfg: DictConfig, ranks: RankWork) -> Path:
                                            top_p=cfg.top_p, refine_sweeps=cfg.refine_sweeps,
                                            refine_candidates=cfg.refine_candidates,
                                            refine_codebook=cfg.refine_codebook,
-                                           progress=False)
+                                           progress=False).images
         except SAMPLE_ERRORS as error:
             sample_error(row, path, error)
             continue
@@ -551,7 +551,7 @@ def complete_image(cfg: DictConfig, ranks: RankWork) -> Path:
     samples = pipe.complete(original, cfg.prompt, region=region,
                             num_images=cfg.num_samples, seed=cfg.seed,
                             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                            max_inference_batch_size=cfg.max_inference_batch_size)
+                            max_inference_batch_size=cfg.max_inference_batch_size).images
     rows = []
     masked = original.copy()
     mask = region_mask(region, original.height, original.width)  # the codes complete() redrew

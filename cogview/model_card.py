@@ -55,7 +55,7 @@ def render_model_card(info: dict, config: dict, scores: dict | None = None) -> s
              'pipe = Pipeline.from_pretrained("<this directory or Hub repository>")']
     lines += {"t2i": ['images = pipe("左上角有一个大的红色圆形", num_images=4).images'],
               "caption": ['captions = pipe.caption(["image.png"])'],
-              "sr": ['images = pipe.super_resolve(["image.png"], "一个红色的圆形")']
+              "sr": ['images = pipe.super_resolve(["image.png"], "一个红色的圆形").images']
               }.get(task, [])
     lines += ["```", "", "## Model", "",
               "| setting | value |", "| --- | --- |"]

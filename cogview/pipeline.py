@@ -5,8 +5,8 @@
     images = pipe("左上角有一个大的红色圆形", num_images=4, seed=0).images  # 4 PIL images
     captions = pipe.caption(["a.png", "b.png"])                 # with a caption export
     best = pipe(prompt, num_images=2, reranker=caption_pipe, num_candidates=8)  # .scores too
-    big = sr_pipe.super_resolve(images, prompt)                 # with an sr export: 2x side
-    filled = pipe.complete("a.png", prompt, region="bottom")    # redraw the bottom half
+    big = sr_pipe.super_resolve(images, prompt).images          # with an sr export: 2x side
+    filled = pipe.complete("a.png", prompt, region="bottom").images  # redraw the bottom half
 
 Seeding: sample ``i`` of every prompt is drawn with seed ``seed + i`` (its own generator), so
 an image depends only on (seed, prompt, sample index), never on the batch it ran in.
@@ -201,9 +201,10 @@ class SampleRequest:
 
 @dataclass
 class PipelineOutput:
-    """What ``Pipeline(...)`` returns, whatever the options: every image in order (prompt by
-    prompt, ``num_images`` each; best first when reranked), each with its prompt, sample index
-    and seed, and the caption scores when a reranker chose them (else None)."""
+    """What every image-making call returns (``Pipeline(...)`` whatever the options,
+    ``complete``, ``super_resolve``): every image in order (prompt by prompt, ``num_images``
+    each; best first when reranked), each with its prompt (sr: its caption), sample index and
+    seed, and the caption scores when a reranker chose them (else None)."""
 
     images: list[Image.Image]
     prompts: list[str]
@@ -469,10 +470,11 @@ class Pipeline:
                  seed: int | None = None,
                  temperature: float = 1.0, top_k: int | None = 200, top_p: float = 1.0,
                  max_inference_batch_size: int = 12, progress: bool = True,
-                 callback: ProgressCallback | None = None, generator=None) -> list[Image.Image]:
+                 callback: ProgressCallback | None = None, generator=None) -> PipelineOutput:
         """Image completion with a t2i export: keeps the image outside ``region`` and redraws
         the codes inside it ("bottom", "top", "left", "right" half, or a pixel box
-        [left, top, right, bottom] of the image at the export's size) -> ``num_images`` images.
+        [left, top, right, bottom] of the image at the export's size) -> a ``PipelineOutput``
+        with ``num_images`` images.
         The known codes come back unchanged (a code is redrawn when its 8x8 cell overlaps the
         region: ``cogview.generation.completion.region_mask(region, height, width)`` gives
         those cells); sample i uses seed ``seed + i`` (or ``generator``, as in ``__call__``)."""
@@ -497,9 +499,11 @@ class Pipeline:
             return self.decode_codes(new.view(-1, h, w))
 
         self.batch_sizer = BatchSizer(max_inference_batch_size)
-        return run_in_batches(list(range(num_images)), draw, sizer=self.batch_sizer,
-                              desc="completing", progress=progress,
-                              describe=lambda i: f"completion sample {i}")
+        images = run_in_batches(list(range(num_images)), draw, sizer=self.batch_sizer,
+                                desc="completing", progress=progress,
+                                describe=lambda i: f"completion sample {i}")
+        return PipelineOutput(images, [prompt] * num_images, list(range(num_images)), seeds,
+                              num_images=num_images)
 
     # ------------------------------------------------------------------ super-resolution
     @property
@@ -515,10 +519,11 @@ class Pipeline:
                       refine_codebook: int = 0,
                       max_inference_batch_size: int = 12, progress: bool = True,
                       callback: ProgressCallback | None = None,
-                      generator=None) -> list[Image.Image]:
+                      generator=None) -> PipelineOutput:
         """Token-space 2x super-resolution with an sr export: images (PIL or paths, any size
         that is a multiple of 8 pixels per window; they are centre-cropped to a square multiple
-        of the window) + their captions -> images of twice the side.
+        of the window) + their captions -> a ``PipelineOutput`` of images of twice the side
+        (one per input, with its caption and seed).
 
         An image of the model's window (e.g. 64 px for a 64 -> 128 px model) is one window;
         a larger one runs CogView's sliding 3x3 windows (each high-res code drawn once, each
@@ -570,8 +575,9 @@ class Pipeline:
             return self.decode_codes(highres)
 
         self.batch_sizer = BatchSizer(max_inference_batch_size)
-        return run_in_batches(indexed, draw, sizer=self.batch_sizer, desc="super-resolving",
-                              progress=progress, describe=lambda i: f"image {i}")
+        results = run_in_batches(indexed, draw, sizer=self.batch_sizer, desc="super-resolving",
+                                 progress=progress, describe=lambda i: f"image {i}")
+        return PipelineOutput(results, prompt_list, [0] * len(results), seeds)
 
     # ------------------------------------------------------------------ caption scores
     @torch.inference_mode()

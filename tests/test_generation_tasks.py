@@ -11,6 +11,7 @@ from cogview.generation.completion import known_codes, region_mask
 from cogview.generation.scoring import caption_log_likelihood
 from cogview.generation.superres import plan_sr_windows, sliding_window_sr, window_offsets
 from cogview.modules.transformer import CogViewTransformer, TransformerConfig
+from cogview.pipeline import PipelineOutput
 from cogview.tokenization import CogViewVocab
 from tests.helpers import make_exports, make_sr_export
 
@@ -179,12 +180,14 @@ def test_pipeline_super_resolves_one_window_and_sliding_windows(pipes):
     assert sr.sr_window == 4  # 8x8 high-res codes from 4x4 low-res per window
     calls = []
     one = sr.super_resolve(noise_image(32), "红色", seed=1, progress=False,
-                           callback=lambda d, t: calls.append((d, t)))
+                           callback=lambda d, t: calls.append((d, t))).images
     # progress: 64 high-res codes, then as much again for the refinement
     assert [image.size for image in one] == [(64, 64)] and calls[-1] == (128, 128)
     many = sr.super_resolve([noise_image(64, 1), noise_image(64, 2)], ["红色", "蓝色"],
                             seed=1, progress=False, max_inference_batch_size=1)
-    assert [image.size for image in many] == [(128, 128)] * 2
+    assert isinstance(many, PipelineOutput)  # the result type of every image-making call
+    assert (many.prompts, many.seeds) == (["红色", "蓝色"], [1, 2])
+    assert [image.size for image in many.images] == [(128, 128)] * 2
     with pytest.raises(ValueError, match="smaller than the sr model's window"):
         sr.super_resolve(noise_image(16), "红色", progress=False)
     with pytest.raises(ValueError, match="one prompt per image"):
@@ -194,7 +197,11 @@ def test_pipeline_super_resolves_one_window_and_sliding_windows(pipes):
 def test_pipeline_completion_and_rerank(pipes):
     t2i, caption = pipes["t2i"], pipes["caption"]
     source = noise_image(64)
-    filled = t2i.complete(source, "红色", region="right", num_images=3, seed=0, progress=False)
+    completed = t2i.complete(source, "红色", region="right", num_images=3, seed=0, progress=False)
+    assert isinstance(completed, PipelineOutput)
+    assert (completed.prompts, completed.samples, completed.seeds) == (["红色"] * 3, [0, 1, 2],
+                                                                        [0, 1, 2])
+    filled = completed.images
     assert len(filled) == 3 and all(image.size == (64, 64) for image in filled)
     from cogview.generation.completion import region_mask
 
@@ -329,10 +336,10 @@ def test_pipeline_refines_the_sampled_codes_against_the_input_pixels(pipes):
     assert not torch.equal(refined, sampled)  # the refinement has something to do here
     for sweeps, codes in ((0, sampled), (1, refined)):
         (got,) = sr.super_resolve(image, "红色", seed=1, refine_sweeps=sweeps,
-                                  refine_candidates=3, progress=False)
+                                  refine_candidates=3, progress=False).images
         assert np.array_equal(np.asarray(got), np.asarray(sr.decode_codes(codes)[0]))
     (with_book,) = sr.super_resolve(image, "红色", seed=1, refine_sweeps=1, refine_candidates=3,
-                                    refine_codebook=2, progress=False)
+                                    refine_codebook=2, progress=False).images
     from cogview.generation.superres import codebook_candidates
 
     both = torch.cat([candidates, codebook_candidates(sr.image_tokenizer,
@@ -343,7 +350,7 @@ def test_pipeline_refines_the_sampled_codes_against_the_input_pixels(pipes):
     assert np.array_equal(np.asarray(with_book), np.asarray(sr.decode_codes(expected)[0]))
     greedy = sliding_window_sr(sr.model, sr.vocab, texts, lowres, sr.sr_window, greedy=True,
                                max_text_len=sr.max_text_len, text_slots=sr.text_slots)
-    (got,) = sr.super_resolve(image, "红色", greedy=True, refine_sweeps=0, progress=False)
+    (got,) = sr.super_resolve(image, "红色", greedy=True, refine_sweeps=0, progress=False).images
     assert np.array_equal(np.asarray(got), np.asarray(sr.decode_codes(greedy)[0]))
     for kwargs, message in ((dict(refine_sweeps=-1), "refine_sweeps=-1"),
                             (dict(refine_candidates=0), "refine_candidates=0"),

@@ -180,7 +180,7 @@ def sr_benchmark(pipe, splits=("seen", "two"), images_per_split: int = 16, seed:
                                       temperature=temperature, greedy=top_k == 1,
                                       refine_sweeps=sweeps,
                                       refine_candidates=refine_candidates,
-                                      max_inference_batch_size=batch_size, progress=progress)
+                                      max_inference_batch_size=batch_size, progress=progress).images
 
         outputs = upscale(refine_sweeps)
         decoded = pipe.decode_codes(pipe.encode_images(inputs))  # what the sr model saw
