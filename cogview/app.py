@@ -40,8 +40,9 @@ from cogview.config import CONF_DIR
 from cogview.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image, resize_center_crop
 from cogview.exports import find_exports
 from cogview.inference import jsonl, write_rows
-from cogview.pipeline import Pipeline, grid_side
+from cogview.pipeline import Pipeline
 from cogview.tokenization.layouts import TASKS
+from cogview.validate import grid_side
 
 
 # Before gradio is imported: no telemetry or version-check calls (the demo must work offline).

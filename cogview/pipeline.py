@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import re
 import tempfile
 import warnings
@@ -51,7 +50,7 @@ from cogview.modules.transformer import CogViewTransformer
 from cogview.modules.vqvae import VQVAE, pil_to_tensor
 from cogview.precision import AUTO, AUTOCAST_DTYPES, resolve_precision, warn_if_emulated
 from cogview.tokenization import CogViewVocab, load_text_tokenizer
-from cogview.validate import check_int
+from cogview.validate import check_int, grid_side
 from cogview.visualize import tensor_to_pil
 
 
@@ -101,15 +100,6 @@ def resolve_dtype(dtype) -> torch.dtype | None:
         raise ValueError(f"dtype={dtype!r} is not known; use one of "
                          f"{sorted(k for k in DTYPES if k)} or null for the saved float32")
     return DTYPES[dtype]
-
-
-def grid_side(image_tokens: int) -> int:
-    """The side of a square code grid with ``image_tokens`` codes (64 -> 8)."""
-    side = math.isqrt(image_tokens) if isinstance(image_tokens, int) and image_tokens > 0 else 0
-    if side * side != image_tokens:
-        raise ValueError(f"image_tokens={image_tokens!r} must be a positive square number "
-                         "(h * w codes of a square grid, e.g. 64 for 8x8 = 64x64 pixels)")
-    return side
 
 
 ProgressCallback = Callable[[int, int], None]

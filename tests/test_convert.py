@@ -264,7 +264,7 @@ def test_task_and_text_length_are_recorded(assets, tmp_path):
     info = json.loads((out / "cogview.json").read_text())
     assert (info["task"], info["max_text_len"], info["caption_end_token"]) == ("caption", 20, "[SEP]")
     for bad, pattern in ((dict(task="poem"), "task='poem'"),
-                         (dict(image_tokens=10), "image_tokens=10 must be a square"),
+                         (dict(image_tokens=10), "image_tokens=10 must be a positive square"),
                          (dict(caption_end_token="[EOS]"), r"caption_end_token='\[EOS\]'")):
         with pytest.raises(ValueError, match=pattern):
             convert_transformer(tmp_path / "ckpt", tmp_path / "bad", **convert_args(assets, **bad))

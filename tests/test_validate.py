@@ -5,7 +5,7 @@ import pytest
 
 from cogview.callbacks.monitor import NaNMonitor
 from cogview.data.stream import TokenShardStream
-from cogview.validate import check_int
+from cogview.validate import check_int, grid_side
 
 
 def test_check_int_accepts_ints_in_range_and_names_the_rest():
@@ -32,3 +32,10 @@ def test_every_package_check_uses_the_shared_message(tmp_path):
         NaNMonitor(max_consecutive_skips=0)
     with pytest.raises(ValueError, match=r"data\.batch_size=0 must be an int >= 1"):
         TokenShardStream([str(tmp_path / "a.tar")], None, batch_size=0)
+
+
+def test_grid_side_names_counts_that_are_not_square():
+    assert grid_side(64) == 8 and grid_side(1024) == 32
+    for value in (0, 63, -4, 64.0, True):
+        with pytest.raises(ValueError, match=rf"image_tokens={value!r} must be a positive square"):
+            grid_side(value)

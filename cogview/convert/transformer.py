@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import shutil
 from dataclasses import asdict
@@ -55,7 +54,7 @@ from cogview.modules.vqvae import read_vqvae_config
 from cogview.tokenization import SentencePieceTokenizer, load_text_tokenizer
 from cogview.tokenization.layouts import TASKS
 from cogview.tokenization.vocab import CogViewVocab
-from cogview.validate import check_int
+from cogview.validate import check_int, grid_side
 
 log = logging.getLogger(__name__)
 
@@ -269,10 +268,7 @@ def convert_transformer(src: str | Path, out: str | Path, vqvae: str | Path | No
     if task not in TASKS:
         raise ValueError(f"task={task!r} is not one of {list(TASKS)} (cogview-base: t2i, "
                          "cogview-caption: caption, cogview-sr: sr)")
-    side = math.isqrt(image_tokens) if isinstance(image_tokens, int) and image_tokens > 0 else 0
-    if side * side != image_tokens:
-        raise ValueError(f"image_tokens={image_tokens!r} must be a square number of codes "
-                         "(CogView: 1024 = 32x32 codes = 256x256 pixels)")
+    grid_side(image_tokens)
     out = Path(out)
     path = find_model_states(src)
     text_tokenizer = load_tokenizer(tokenizer)  # fail on bad arguments before the big load

@@ -16,15 +16,24 @@ from torch.utils.data import DataLoader
 
 from cogview.data.fingerprint import (
     TokenizerMismatchError,
-    check_fingerprints,
+    check_shard_set,
     image_tokenizer_fingerprint,
 )
 from cogview.data.pretokenize import build_text_tokenizer_from_config
-from cogview.data.shards import ShardSet, decode_sample, load_manifest, load_npy, resolve_shards
+from cogview.data.shards import (
+    ShardSet,
+    decode_sample,
+    load_manifest,
+    load_npy,
+    manifest_vocab_sizes,
+    resolve_shards,
+    split_off_validation,
+)
 from cogview.data.stream import (
     SPLIT_MODES,
     LayoutBatcher,
     TokenShardStream,
+    log_split_plan,
     plan_split,
 )
 from cogview.modules.vqvae import read_vqvae_config
@@ -174,8 +183,7 @@ class TokenDataModule(L.LightningDataModule):
     def _build_vocab(self, manifest: dict | None) -> CogViewVocab:
         num_codes = text_size = None
         if manifest is not None:
-            num_codes = int(manifest["image_tokenizer"]["num_codes"])
-            text_size = int(manifest["text_tokenizer"]["vocab_size"])
+            num_codes, text_size = manifest_vocab_sizes(manifest)
         if self.vqvae_dir:
             num_codes = read_vqvae_config(self.vqvae_dir).num_codes
         tokenizer = self._text_tokenizer()
@@ -193,32 +201,13 @@ class TokenDataModule(L.LightningDataModule):
         train = resolve_shards(self.train_shards, self.manifest)
         if self.val_shards:
             val = resolve_shards(self.val_shards)
-        elif self.num_val_shards:
-            if len(train.urls) <= self.num_val_shards:
-                raise ValueError(
-                    f"data.num_val_shards={self.num_val_shards} would leave no training shard: "
-                    f"{self.train_shards} has {len(train.urls)} shard(s). Set "
-                    "data.num_val_shards=0 (no validation), give data.val_shards=..., or "
-                    "pretokenize with a smaller shard_size")
-            cut = len(train.urls) - self.num_val_shards
-            train, val = train.subset(range(cut)), train.subset(range(cut, len(train.urls)))
         else:
-            val = None
+            train, val = split_off_validation(train, self.num_val_shards, str(self.train_shards))
         if self.check_fingerprints:
             expected, origin = self.expected_fingerprints()
             for shard_set in (train, val):
-                if shard_set is None:
-                    continue
-                where = shard_set.manifest_path or str(shard_set.urls[0])
-                if shard_set.manifest is None:
-                    if any(expected.values()):
-                        raise ValueError(
-                            f"cannot check the tokenizer fingerprints of shards {where}: no "
-                            "manifest.json beside them; pass data.manifest=PATH, or set "
-                            "data.check_fingerprints=false to train without the check")
-                    continue
-                check_fingerprints(shard_set.manifest.get("fingerprints", {}), expected, where,
-                                   origin)
+                if shard_set is not None:
+                    check_shard_set(shard_set, expected, origin)
         manifest = train.manifest
         if self.layout == "sr" and manifest is not None and not manifest.get("sr"):
             raise ValueError(f"data.layout=sr needs low-res codes, but the shards "
@@ -253,22 +242,8 @@ class TokenDataModule(L.LightningDataModule):
         mode, groups, members = plan_split(len(shard_set.urls), world, workers, self.split_by)
         resampled = self.resampled and train
         if not resampled:
-            log.info("%s shards: %d shards for %d rank(s) x %d worker(s): split mode %s",
-                     "train" if train else "val", len(shard_set.urls), world, workers, mode)
-            if mode == "sample" and len(shard_set.urls) > 1:
-                log.warning("every worker of every rank reads all %d shards (their number is "
-                            "not a multiple of world_size=%d); pretokenize into a multiple of "
-                            "world_size x num_workers shards to read each shard once",
-                            len(shard_set.urls), world)
-            if mode == "shard" and len(shard_set.urls) < groups:
-                log.warning("only %d shards for %d consumers: some workers get no data",
-                            len(shard_set.urls), groups)
-            counts = [c for c in shard_set.counts if c is not None]
-            if train and world > 1 and (len(set(counts)) > 1 or sum(counts) % world):
-                log.warning("DDP without data.resampled: the ranks may see different numbers "
-                            "of batches (shard sizes %s), and a rank that runs out first stalls "
-                            "the others; use data.resampled=true with trainer.max_steps",
-                            sorted(set(counts)))
+            log_split_plan("train" if train else "val", shard_set.counts, world, workers, mode,
+                           groups, train)
         return TokenShardStream(
             shard_set.urls, self.batcher, self.batch_size,
             shuffle_shards=self.shuffle_shards and train,

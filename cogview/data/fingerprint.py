@@ -62,6 +62,21 @@ def text_tokenizer_fingerprint(tokenizer: Any) -> str:
     return tokenizer.fingerprint()
 
 
+def check_shard_set(shard_set, expected: Mapping[str, str | None],
+                    expected_from: Mapping[str, str] | None = None) -> None:
+    """``check_fingerprints`` on a ``ShardSet``'s manifest; a set without a manifest cannot be
+    checked, which is an error when any fingerprint is expected."""
+    where = shard_set.manifest_path or str(shard_set.urls[0])
+    if shard_set.manifest is None:
+        if any(expected.values()):
+            raise ValueError(
+                f"cannot check the tokenizer fingerprints of shards {where}: no manifest.json "
+                "beside them; pass data.manifest=PATH, or set data.check_fingerprints=false to "
+                "train without the check")
+        return
+    check_fingerprints(shard_set.manifest.get("fingerprints", {}), expected, where, expected_from)
+
+
 def check_fingerprints(
     found: Mapping[str, str | None],
     expected: Mapping[str, str | None],

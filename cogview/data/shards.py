@@ -117,6 +117,27 @@ def resolve_shards(spec: str | Sequence[str], manifest: str | None = None) -> Sh
 _NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...]]] = {}
 
 
+def split_off_validation(train: ShardSet, num_val_shards: int, described: str
+                         ) -> tuple[ShardSet, ShardSet | None]:
+    """The last ``num_val_shards`` shards of ``train`` as a validation set (0: none); an error
+    naming ``described`` (the training shards' spec) when no training shard would be left."""
+    if not num_val_shards:
+        return train, None
+    if len(train.urls) <= num_val_shards:
+        raise ValueError(
+            f"data.num_val_shards={num_val_shards} would leave no training shard: {described} "
+            f"has {len(train.urls)} shard(s). Set data.num_val_shards=0 (no validation), give "
+            "data.val_shards=..., or pretokenize with a smaller shard_size")
+    cut = len(train.urls) - num_val_shards
+    return train.subset(range(cut)), train.subset(range(cut, len(train.urls)))
+
+
+def manifest_vocab_sizes(manifest: Mapping) -> tuple[int, int]:
+    """(VQ-VAE codebook size, text vocabulary size) the shards were tokenized with."""
+    return (int(manifest["image_tokenizer"]["num_codes"]),
+            int(manifest["text_tokenizer"]["vocab_size"]))
+
+
 def load_npy(data: bytes) -> np.ndarray:
     """Decode .npy bytes; the header of each distinct (dtype, shape) is parsed once."""
     if data[:6] != b"\x93NUMPY":

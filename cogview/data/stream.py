@@ -233,6 +233,28 @@ def plan_split(num_shards: int, world_size: int, num_workers: int, split_by: str
     return "sample", 1, consumers
 
 
+def log_split_plan(name: str, counts: Sequence[int | None], world_size: int, num_workers: int,
+                   mode: str, groups: int, train: bool) -> None:
+    """Logs how ``name``'s shards (``counts`` samples each, None: unknown) are shared, and warns
+    where the plan reads shards more than once, leaves workers without data, or can stall DDP
+    (ranks with different numbers of batches)."""
+    num_shards = len(counts)
+    log.info("%s shards: %d shards for %d rank(s) x %d worker(s): split mode %s",
+             name, num_shards, world_size, num_workers, mode)
+    if mode == "sample" and num_shards > 1:
+        log.warning("every worker of every rank reads all %d shards (their number is not a "
+                    "multiple of world_size=%d); pretokenize into a multiple of world_size x "
+                    "num_workers shards to read each shard once", num_shards, world_size)
+    if mode == "shard" and num_shards < groups:
+        log.warning("only %d shards for %d consumers: some workers get no data",
+                    num_shards, groups)
+    known = [c for c in counts if c is not None]
+    if train and world_size > 1 and (len(set(known)) > 1 or sum(known) % world_size):
+        log.warning("DDP without data.resampled: the ranks may see different numbers of batches "
+                    "(shard sizes %s), and a rank that runs out first stalls the others; use "
+                    "data.resampled=true with trainer.max_steps", sorted(set(known)))
+
+
 class TokenShardStream(IterableDataset):
     """Batches from pretokenized shards for one rank; iterate it through a DataLoader.
 
