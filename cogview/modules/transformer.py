@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from cogview.exports import MODEL_CONFIG, MODEL_WEIGHTS
 from cogview.modules.pb_relax import pb_relax_softmax, pb_relax_softmax_reference
-from cogview.safe_load import check_finite
+from cogview.safe_load import check_finite, check_state_dict
 from cogview.validate import check_int
 
 ATTENTION_IMPLS = ("pb_relax", "sdpa", "eager")
@@ -473,10 +473,8 @@ class CogViewTransformer(nn.Module):
         dtype = dtype or torch.float32
         state = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor
                  for name, tensor in state.items()}
-        try:
-            model.load_state_dict(state, strict=True, assign=True)
-        except RuntimeError as error:
-            raise ValueError(f"{weights_path} does not match {config_path}: {error}") from None
+        check_state_dict(model.state_dict(), state, f"{weights_path} does not match {config_path}:")
+        model.load_state_dict(state, strict=True, assign=True)
         return model
 
 
