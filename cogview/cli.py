@@ -12,6 +12,7 @@ arguments; train, infer and pretokenize are Hydra apps (``-m`` sweeps, ``--cfg j
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,17 +96,28 @@ def command_help(name: str) -> str:
     return "\n".join(lines)
 
 
+# The subcommand of a Hydra app, for the processes a launcher starts by re-running this
+# program's sys.argv (Lightning's DDP: `cogview train trainer=ddp_cpu`), which holds only the
+# key=value arguments Hydra reads.
+COMMAND_ENV = "COGVIEW_COMMAND"
+
+
 def run_command(name: str, argv: list[str]) -> int:
     """Runs subcommand `name` with `argv` (key=value ...); returns its exit status."""
     command = COMMANDS[name]
     module = importlib.import_module(command.module)
     if command.hydra:  # Hydra reads sys.argv, and answers --help itself (exit status 0)
-        saved = sys.argv
-        sys.argv = [f"cogview {name}", *argv]
+        saved, saved_env = sys.argv, os.environ.get(COMMAND_ENV)
+        sys.argv = [saved[0], *argv]
+        os.environ[COMMAND_ENV] = name
         try:
             module.main()
         finally:
             sys.argv = saved
+            if saved_env is None:
+                os.environ.pop(COMMAND_ENV, None)
+            else:
+                os.environ[COMMAND_ENV] = saved_env
         return 0
     if any(arg in ("-h", "--help", "help") for arg in argv):
         print(command_help(name))
@@ -120,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         print(overview())
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
+    relaunched = os.environ.get(COMMAND_ENV)
+    if name not in COMMANDS and "=" in name and relaunched in COMMANDS and "LOCAL_RANK" in os.environ:
+        name, rest = relaunched, argv  # a DDP rank re-running `cogview <relaunched> key=value ...`
     if name not in COMMANDS:
         print(f"cogview: unknown command {name!r}\n\n{overview()}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,11 +159,20 @@ def test_wandb_run_holds_the_resolved_config_and_the_benchmark_table_and_grids(a
     assert len(media) == 3
 
 
+# Lightning starts the second rank by re-running the command line: train.py, and the cogview
+# command (which must find its subcommand again) as a module and as the installed script.
+ENTRY_POINTS = {"train.py": [sys.executable, "train.py"],
+                "python -m cogview train": [sys.executable, "-m", "cogview", "train"],
+                "cogview train": [str(Path(sys.executable).parent / "cogview"), "train"]}
+
+
 @pytest.mark.distributed
-def test_ddp_cpu_two_processes_over_gloo(assets, tmp_path):
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_ddp_cpu_two_processes_over_gloo(assets, tmp_path, entry):
     run = tmp_path / "ddp"
     command = base_command(assets, "trainer=ddp_cpu", f"hydra.run.dir={run}",
                            "trainer.max_steps=4", "trainer.val_check_interval=2")
+    command = [*ENTRY_POINTS[entry], *command[2:]]  # base_command: [python, train.py, ...]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "world_size: 2" in result.stderr or "Initializing distributed: GLOBAL_RANK: 1" in result.stderr
