@@ -94,7 +94,10 @@ def train_sequence_task(demo: DictConfig, task: str, vqvae: Path, shards: Path, 
         f"callbacks.shapes_eval.prompts_per_split={curve_size}",
         f"callbacks.shapes_eval.top_k={demo.eval.top_k}",
         f"callbacks.shapes_eval.temperature={demo.eval.temperature}",
-        f"callbacks.shapes_eval.cfg_scale={demo.eval.cfg_scale}"]
+        f"callbacks.shapes_eval.cfg_scale={demo.eval.cfg_scale}",
+        f"callbacks.shapes_eval.caption_cfg_scale={demo.eval.caption_cfg_scale}"]
+    if task == "caption":
+        overrides.append(f"task.image_dropout={budget.image_dropout}")
     if init_from is not None:
         overrides.append(f"task.init_from={init_from}")
     train(compose_config("train", overrides))
@@ -109,7 +112,7 @@ def evaluate(demo: DictConfig, exports: dict[str, Path], report_dir: Path) -> di
                seed=demo.seed, top_k=ev.top_k, temperature=ev.temperature,
                rerank_temperature=ev.rerank_temperature, cfg_scale=ev.cfg_scale,
                caption_images=ev.caption_images, sr_images=ev.sr_images,
-               caption_num_beams=ev.caption_num_beams)
+               caption_num_beams=ev.caption_num_beams, caption_cfg_scale=ev.caption_cfg_scale)
 
 
 def read_curves(runs_dir: Path) -> dict[str, list[dict]]:
@@ -242,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     for split, result in results.get("caption", {}).items():
         greedy = result.get("greedy_exact_match", result["exact_match"])
         print(f"[demo] caption {split}: exact match {result['exact_match']:.1%} "
-              f"({result['num_beams']} beams; greedy {greedy:.1%})")
+              f"({result['num_beams']} beams; greedy {greedy:.1%}; guidance "
+              f"{result.get('cfg_scale', 1.0):g})")
     for split, result in results.get("sr", {}).items():
         sampled = (f" (sampled codes {result['unrefined_psnr']:.2f} dB)"
                    if "unrefined_psnr" in result else "")

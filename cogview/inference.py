@@ -421,7 +421,8 @@ def add_captions(cfg: DictConfig, pipe, items: list[tuple[dict, object]]) -> Non
                             max_len=cfg.get("max_len"), seed=cfg.seed,
                             temperature=cfg.temperature, top_k=cfg.top_k,
                             max_inference_batch_size=cfg.max_inference_batch_size,
-                            num_beams=cfg.num_beams if cfg.greedy else 1)
+                            num_beams=cfg.num_beams if cfg.greedy else 1,
+                            cfg_scale=cfg.get("cfg_scale", 1.0))
     for (row, _), caption in zip(good, captions):
         row["caption"] = caption
 
@@ -592,7 +593,8 @@ def evaluate_exports(cfg: DictConfig, ranks: RankWork) -> Path:
         fid_features=cfg.fid_features,
         is_classifier=cfg.is_classifier, caption_images=cfg.caption_images,
         sr_images=cfg.sr_images, sr_top_k=cfg.sr_top_k, sr_refine_sweeps=cfg.sr_refine_sweeps,
-        caption_num_beams=cfg.caption_num_beams)
+        caption_num_beams=cfg.caption_num_beams,
+        caption_cfg_scale=cfg.get("caption_cfg_scale", 1.0))
     runs = [Path(run) for run in (cfg.get("runs") or [])]
     if runs:
 

@@ -627,13 +627,14 @@ class Pipeline:
     def caption(self, images, greedy: bool = True, max_len: int | None = None, seed: int = 0,
                 temperature: float = 1.0, top_k: int | None = 200,
                 max_inference_batch_size: int = 12, progress: bool = True,
-                num_beams: int = 1) -> list[str]:
+                num_beams: int = 1, cfg_scale: float = 1.0) -> list[str]:
         """Image captioning: PIL images, paths or code grids (LongTensor [h, w], e.g. from
         pretokenized shards) -> one caption each (image i: seed ``seed + i`` when sampling).
         Captions end at the end token (``caption_stop_id``: the export's, else [SEP] for
         full-vocabulary models) or after ``max_len`` tokens (default: the export's
         max_text_len). ``num_beams`` > 1 (with ``greedy=True``): the most likely caption found
-        by beam search, not the greedy one."""
+        by beam search, not the greedy one. ``cfg_scale`` != 1: classifier-free guidance against
+        the caption without its image (for captioners trained with ``task.image_dropout``)."""
 
         check_num_beams(num_beams, greedy or temperature == 0)
         if isinstance(images, (str, Path, Image.Image)):
@@ -654,7 +655,7 @@ class Pipeline:
                 self.model, self.vocab, codes, max_len,
                 [seed + index for index, _ in chunk], greedy=greedy, stop_id=self.caption_stop_id,
                 temperature=temperature, top_k=top_k, text_slots=self.text_slots,
-                num_beams=num_beams)
+                num_beams=num_beams, cfg_scale=cfg_scale)
             return [self.text_tokenizer.decode(ids) for ids in text_ids]
 
         self.batch_sizer = BatchSizer(max_inference_batch_size)

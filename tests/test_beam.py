@@ -8,7 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cogview.generation import beam_search_span, generate_captions, generate_span, span_logits
+from cogview.generation import (
+    beam_search_span,
+    generate_captions,
+    generate_span,
+    span_logits,
+    unconditional_prompt,
+)
 from cogview.modules.transformer import CogViewTransformer, TransformerConfig
 from cogview.tokenization import CogViewVocab, caption_prompt, t2i_prompt
 
@@ -34,30 +40,40 @@ def with_stop_logit(model: CogViewTransformer, stop_id: int, logit: float) -> Co
     return model
 
 
-def sequence_logp(model, vocab, prompt, tokens: list[int], stop_ids: list[int]) -> float:
-    """Reference: recompute every step, log-softmax over the text ids and the stop ids."""
-    seq = prompt.input_ids.clone()
-    positions = prompt.position_ids.clone()
+def last_logits(model, vocab, prompt_ids, positions, stop_ids):
+    hidden = model(prompt_ids[None], positions[None], return_hidden=True)[0, -1:]
+    return span_logits(model, hidden, vocab.text_range, stop_ids)[0]
+
+
+def sequence_logp(model, vocab, prompt, tokens: list[int], stop_ids: list[int],
+                  cfg_scale: float = 1.0) -> float:
+    """Reference: recompute every step, log-softmax over the text ids and the stop ids; with
+    cfg_scale != 1 of the guided logits (the unconditional prompt: the caption's image dropped)."""
+    rows = [prompt] if cfg_scale == 1.0 else [prompt, unconditional_prompt(prompt)]
+    seqs = [p.input_ids.clone() for p in rows]
+    positions = [p.position_ids.clone() for p in rows]
     total = 0.0
     columns = list(range(*vocab.text_range)) + stop_ids
     with torch.no_grad():
         for token in tokens:
-            hidden = model(seq[None], positions[None], return_hidden=True)[0, -1:]
-            logp = F.log_softmax(span_logits(model, hidden, vocab.text_range, stop_ids)[0], -1)
-            total += float(logp[columns.index(token)])
-            seq = torch.cat([seq, torch.tensor([token])])
-            positions = torch.cat([positions, positions[-1:] + 1])
+            logits = [last_logits(model, vocab, s, p, stop_ids) for s, p in zip(seqs, positions)]
+            if cfg_scale != 1.0:
+                logits = [logits[1] + cfg_scale * (logits[0] - logits[1])]
+            total += float(F.log_softmax(logits[0], -1)[columns.index(token)])
+            seqs = [torch.cat([s, torch.tensor([token])]) for s in seqs]
+            positions = [torch.cat([p, p[-1:] + 1]) for p in positions]
     return total
 
 
-def exhaustive_best(model, vocab, prompt, num_tokens: int, stop_ids: list[int]) -> list[int]:
+def exhaustive_best(model, vocab, prompt, num_tokens: int, stop_ids: list[int],
+                    cfg_scale: float = 1.0) -> list[int]:
     """The most likely sequence of all: ended by a stop id after 0..num_tokens-1 text ids,
     or num_tokens text ids with no stop."""
     text = list(range(*vocab.text_range))
     sequences = [list(p) + [stop] for n in range(num_tokens) for stop in stop_ids
                  for p in itertools.product(text, repeat=n)]
     sequences += [list(p) for p in itertools.product(text, repeat=num_tokens)]
-    scores = [sequence_logp(model, vocab, prompt, s, stop_ids) for s in sequences]
+    scores = [sequence_logp(model, vocab, prompt, s, stop_ids, cfg_scale) for s in sequences]
     return sequences[max(range(len(scores)), key=scores.__getitem__)]
 
 
@@ -106,6 +122,39 @@ def test_beam_search_beats_greedy_where_greedy_commits_early():
         assert b_score >= g_score - 1e-5
         better += b_score > g_score + 1e-3
     assert better >= 1
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 2.5])
+def test_guided_beams_find_the_most_likely_sequence_under_the_guided_logits(cfg_scale):
+    """Guided beams are scored with the log-softmax of uncond + s * (cond - uncond), where the
+    unconditional row is the caption prompt without its image; checked exhaustively."""
+    stop_ids = [SMALL.sep_id]
+    model = with_stop_logit(tiny_model(SMALL, 1), SMALL.sep_id, -2.0)
+    prompts = small_prompts(1)
+    expected = [exhaustive_best(model, SMALL, p, 3, stop_ids, cfg_scale) for p in prompts]
+    for cache in (True, False):
+        found = beam_search_span(model, prompts, "text", 3, SMALL, num_beams=9,
+                                 stop_ids=stop_ids, cfg_scale=cfg_scale, use_kv_cache=cache)
+        assert [as_sequence(row, SMALL) for row in found] == expected
+    if cfg_scale == 0.0:  # only the unconditional logits: every image gets the same caption
+        assert len({tuple(e) for e in expected}) == 1
+    # scale 1 with the unconditional rows given is plain beam search
+    uncond = [unconditional_prompt(p) for p in prompts]
+    assert torch.equal(
+        beam_search_span(model, prompts, "text", 3, SMALL, num_beams=4, stop_ids=stop_ids,
+                         cfg_scale=1.0, uncond_prompts=uncond),
+        beam_search_span(model, prompts, "text", 3, SMALL, num_beams=4, stop_ids=stop_ids))
+
+
+def test_guided_captions_one_beam_is_guided_greedy():
+    model = with_stop_logit(tiny_model(VOCAB, 2), VOCAB.sep_id, logit=0.0)
+    images = [torch.arange(IMAGE_TOKENS) * k % VOCAB.num_image_codes for k in (1, 3, 5)]
+    beam = generate_captions(model, VOCAB, images, max_len=8, stop_id="[SEP]", num_beams=1,
+                             cfg_scale=3.0)
+    greedy = generate_captions(model, VOCAB, images, max_len=8, stop_id="[SEP]", cfg_scale=3.0)
+    plain = generate_captions(model, VOCAB, images, max_len=8, stop_id="[SEP]")
+    assert beam == greedy
+    assert greedy != plain  # guidance changed something
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

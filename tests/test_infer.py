@@ -112,6 +112,21 @@ def test_infer_py_caption_reports_a_corrupt_image_and_captions_the_rest(exports,
         assert 0 < len(row["caption"]) <= 6  # max_len defaults to the export's max_text_len
 
 
+def test_infer_caption_with_guidance_gives_the_pipelines_guided_captions(exports, tmp_path):
+    from cogview.pipeline import Pipeline
+
+    images = [Image.new("RGB", (64, 64), color) for color in ((220, 50, 50), (50, 100, 220))]
+    for i, image in enumerate(images):
+        image.save(tmp_path / f"{i}.png")
+    out = tmp_path / "out"
+    infer_in_process("task=caption", f"ckpt={exports / 'caption'}",
+                     f"images=[{tmp_path / '0.png'},{tmp_path / '1.png'}]", "cfg_scale=2.0",
+                     f"output_dir={out}")
+    pipe = Pipeline.from_pretrained(exports / "caption")
+    expected = pipe.caption(images, num_beams=4, cfg_scale=2.0, progress=False)
+    assert [row["caption"] for row in read_rows(out / "results.jsonl")] == expected
+
+
 # ------------------------------------------------------------------------------ rerank, sr, complete
 
 
@@ -237,7 +252,8 @@ def test_infer_eval_runs_the_shapes_benchmark_on_an_export_folder(exports, sr_ex
     (run / "logs" / "metrics.csv").write_text(
         "epoch,step,train/loss,val/loss\n0,9,5.0,\n0,9,,5.5\n0,19,3.0,\n0,19,,3.5\n")
     infer_in_process("task=eval", f"ckpt={exports}", "prompts_per_split=2", "num_candidates=2",
-                     "caption_images=2", "sr_images=2", f"runs=[{run}]", f"output_dir={out}")
+                     "caption_images=2", "sr_images=2", "caption_cfg_scale=1.5", f"runs=[{run}]",
+                     f"output_dir={out}")
     results = json.loads((out / "eval.json").read_text())
     assert set(results) == {"t2i", "caption", "sr"}
     assert set(results["t2i"]) == {"seen", "heldout", "two"}
@@ -246,8 +262,10 @@ def test_infer_eval_runs_the_shapes_benchmark_on_an_export_folder(exports, sr_ex
     assert two["rerank"]["n_candidates"] == 4  # 2 prompts x 2 candidates, caption-scored
     captions = results["caption"]["two"]
     assert captions["num_beams"] == 4 and 0 <= captions["greedy_exact_match"] <= 1
+    assert captions["cfg_scale"] == 1.5
     report = (out / "report.md").read_text()
     assert "most likely caption of 4 beams" in report
+    assert "classifier-free guidance 1.5 against the caption without its image" in report
     for picture in ("t2i_accuracy.png", "t2i_two.png", "t2i_two_reranked.png", "caption_two.png",
                     "sr_seen.png", "loss_curves.png"):
         assert picture in report and (out / picture).is_file()

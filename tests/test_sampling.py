@@ -265,8 +265,24 @@ def test_unconditional_prompt_is_the_prompt_with_an_empty_caption(slots):
         assert torch.equal(uncond.position_ids, empty.position_ids)
         assert uncond.spans == empty.spans and uncond.next_kind == empty.next_kind
         assert uncond.text_slots == slots
-    with pytest.raises(ValueError, match="nothing to drop"):
-        unconditional_prompt(caption_prompt(VOCAB, lowres))
+    with pytest.raises(ValueError, match="with no text span has nothing to drop"):
+        unconditional_prompt(t2i_prompt(VOCAB, [], allow_empty_text=True))
+
+
+@pytest.mark.parametrize("slots", [None, 6])
+def test_unconditional_caption_prompt_drops_the_image(slots):
+    prompt = caption_prompt(VOCAB, torch.arange(4), text_slots=slots)
+    uncond = unconditional_prompt(prompt)
+    assert uncond.tokens(VOCAB) == ["[BASE]", "[BOI1]", "[EOI1]", "[ROI1]"]
+    assert uncond.next_kind == "text" and uncond.text_slots == slots
+    assert not any(kind == "image" for _, _, kind in uncond.spans)
+    if slots is None:  # positions close up over the dropped image
+        assert uncond.position_ids.tolist() == [0, 1, 2, 3]
+    else:  # reserved positions stay: the image part at its t2i positions, [ROI1] at 0
+        keep = [0, 1, 6, 7]
+        assert uncond.position_ids.tolist() == prompt.position_ids[keep].tolist()
+    with pytest.raises(ValueError, match="with no image span"):
+        unconditional_prompt(uncond)
 
 
 def test_cfg_scale_one_equals_no_guidance(model):

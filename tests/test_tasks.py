@@ -108,7 +108,7 @@ def test_dropped_caption_equals_the_empty_caption_layout(assets, tmp_path, fixed
     empty = collate_layouts([t2i_layout(vocab, [], codes, allow_empty_text=True,
                                         text_slots=slots)], vocab.pad_id)
     task.hparams.caption_dropout = 1.0  # the task's own dropout path: every row dropped
-    dropped = task.train().maybe_drop_captions(full)
+    dropped = task.train().maybe_drop_condition(full)
     task.eval()
     assert torch.equal(dropped["position_ids"], drop_text(full, torch.tensor([True]),
                                                           keep_positions=fixed)["position_ids"])
@@ -127,6 +127,45 @@ def test_dropped_caption_equals_the_empty_caption_layout(assets, tmp_path, fixed
                  progress=False).images[0]
     codes = generate_images(task.model, vocab, [text], 16, greedy=True, text_slots=slots)
     assert np.array_equal(np.asarray(image), np.asarray(pipe.decode_codes(codes.view(1, 4, 4))[0]))
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_dropped_image_equals_the_caption_layout_without_its_image(assets, tmp_path, fixed):
+    """Image dropout (task=caption) gives exactly the text logits of the sequence with the
+    image tokens taken out, i.e. of the unconditional caption prompt guided decoding runs."""
+    from cogview.generation import unconditional_prompt
+    from cogview.tokenization.layouts import caption_layout, caption_prompt
+    from cogview.training import build_task
+
+    cfg = compose_train(["task=caption", f"vqvae_dir={assets['vqvae']}", "data.train_shards=x",
+                         f"output_dir={tmp_path}", f"data.fixed_image_positions={fixed}",
+                         "task.image_dropout=0.5", *TINY_MODEL])
+    task = build_task(cfg).eval()
+    slots, vocab = task.text_slots, task.vocab
+    text = task.text_tokenizer.encode("左上角有一个大的红色圆形")
+    codes = torch.arange(16) % vocab.num_image_codes
+    full = collate_layouts([caption_layout(vocab, text, codes, end_token="[SEP]",
+                                           text_slots=slots)], vocab.pad_id)
+    task.hparams.image_dropout = 0.999999  # the task's own dropout path: the row is dropped
+    dropped = task.train().maybe_drop_condition(full)
+    task.eval()
+    keep = dropped["attention_mask"][0]
+    assert int((~keep).sum()) == 16 and bool((full["input_ids"][0][~keep] < 16).all())
+    assert torch.equal(dropped["loss_mask"], full["loss_mask"].bool())  # every text target stays
+    uncond = unconditional_prompt(caption_prompt(vocab, codes, text_slots=slots))
+    kept_ids = full["input_ids"][0][keep]
+    assert torch.equal(kept_ids[:len(uncond)], uncond.input_ids)
+    assert torch.equal(dropped["position_ids"][0][keep][:len(uncond)], uncond.position_ids)
+    with torch.no_grad():
+        logits = task.model(dropped["input_ids"], dropped["position_ids"],
+                            dropped["attention_mask"])[0, keep]
+        alone = task.model(kept_ids[None], dropped["position_ids"][0][keep][None])[0]
+    torch.testing.assert_close(logits, alone, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="image_dropout=1.0 must be in"):
+        compose_and_build = compose_train(["task=caption", f"vqvae_dir={assets['vqvae']}",
+                                           "data.train_shards=x", f"output_dir={tmp_path}",
+                                           "task.image_dropout=1.0", *TINY_MODEL])
+        build_task(compose_and_build)
 
 
 def test_data_and_task_must_agree_on_fixed_image_positions(assets, tmp_path):

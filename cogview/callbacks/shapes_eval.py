@@ -49,13 +49,14 @@ class ShapesOracleEval(Callback):
     captions (None: the caption benchmark's default, 4; greedy is scored beside them).
     ``sr_refine_sweeps``: the sr consistency refinement (None: the benchmark's 2, with the
     sampled codes' PSNR beside; 0: the sampled codes only, as ``<split>_psnr``).
-    ``cfg_scale``: classifier-free guidance for the t2i samples (1: off)."""
+    ``cfg_scale``: classifier-free guidance for the t2i samples, ``caption_cfg_scale`` for the
+    captions (1: off)."""
 
     def __init__(self, every_n_steps: int = 500, prompts_per_split: int = 32,
                  splits: tuple[str, ...] | list[str] = SPLITS, seed: int = 0, top_k: int = 50,
                  temperature: float = 1.0, dirpath: str | None = None,
                  caption_num_beams: int | None = None, sr_refine_sweeps: int | None = None,
-                 cfg_scale: float = 1.0) -> None:
+                 cfg_scale: float = 1.0, caption_cfg_scale: float = 1.0) -> None:
         if caption_num_beams is not None:
             check_num_beams(caption_num_beams)
         if sr_refine_sweeps is not None:
@@ -71,6 +72,7 @@ class ShapesOracleEval(Callback):
         self.caption_num_beams = caption_num_beams
         self.sr_refine_sweeps = sr_refine_sweeps
         self.cfg_scale = float(cfg_scale)
+        self.caption_cfg_scale = float(caption_cfg_scale)
         self.history: list[dict] = []
         self.train_seconds = 0.0
         self._grids: dict = {}  # split -> grid of the last t2i evaluation's samples
@@ -156,7 +158,8 @@ class ShapesOracleEval(Callback):
             if pl_module.layout_name == "caption":
                 results = caption_benchmark(pipe, splits=self.splits,
                                             images_per_split=self.prompts_per_split, progress=False,
-                                            num_beams=self.caption_num_beams or CAPTION_NUM_BEAMS)
+                                            num_beams=self.caption_num_beams or CAPTION_NUM_BEAMS,
+                                            cfg_scale=self.caption_cfg_scale)
                 return {f"{split}_{name}": round(float(r[name]), 4)
                         for split, r in results.items()
                         for name in ("exact_match", "greedy_exact_match") if name in r}

@@ -62,13 +62,17 @@ def generate_captions(model: GenerativeModel, vocab: CogViewVocab, image_codes_l
                       max_len: int, seeds: Sequence[int] | None = None, *, greedy: bool = True,
                       stop_id: int | str | None = None, temperature: float = 1.0,
                       top_k: int | None = 200, top_p: float = 1.0,
-                      text_slots: int | None = None, num_beams: int = 1) -> list[list[int]]:
+                      text_slots: int | None = None, num_beams: int = 1,
+                      cfg_scale: float = 1.0) -> list[list[int]]:
     """caption: image codes per sample -> up to ``max_len`` tokenizer-space text ids each.
 
     The prompt is ``[BASE] [BOI1] image [EOI1] [ROI1]``. ``stop_id`` (an id or a command
     name such as "[SEP]", for a captioner trained with that end token) ends a caption early;
     it is not part of the returned ids. ``num_beams`` > 1: the most likely caption found by
     beam search (``cogview.generation.beam``) instead of greedy decoding or sampling.
+    ``cfg_scale`` != 1: classifier-free guidance against the caption without its image, for a
+    captioner trained with ``task.image_dropout`` > 0 (it offsets the captions' language prior,
+    e.g. the colour-shape pairs training never showed together).
     """
     check_num_beams(num_beams, greedy or temperature == 0)
     if isinstance(stop_id, str):
@@ -77,11 +81,11 @@ def generate_captions(model: GenerativeModel, vocab: CogViewVocab, image_codes_l
     stop_ids = None if stop_id is None else [stop_id]
     if num_beams > 1:
         ids = beam_search_span(model, prompts, "text", max_len, vocab, num_beams=num_beams,
-                               stop_ids=stop_ids)
+                               stop_ids=stop_ids, cfg_scale=cfg_scale)
     else:
         ids = generate_span(model, prompts, "text", max_len, vocab, temperature=temperature,
                             top_k=top_k, top_p=top_p, seeds=seeds, greedy=greedy,
-                            stop_ids=stop_ids)
+                            stop_ids=stop_ids, cfg_scale=cfg_scale)
     captions = []
     for row in ids.tolist():
         text = []

@@ -18,8 +18,8 @@ Per-sample seeding: every row draws from its own torch.Generator seeded with the
 so a sample depends only on (its seed, its prompt), not on the batch it ran in or its row.
 
 Classifier-free guidance stacks the conditional and the unconditional prompts (the same
-layout with the text span removed) into one batch of 2B rows and mixes their logits:
-``uncond + cfg_scale * (cond - uncond)``.
+layout with the condition removed: the text of t2i and sr prompts, the image of caption
+prompts) into one batch of 2B rows and mixes their logits: ``uncond + cfg_scale * (cond - uncond)``.
 """
 
 from __future__ import annotations
@@ -121,22 +121,29 @@ def row_generators(seeds: Sequence[int],
 # prompts
 
 
-def unconditional_prompt(prompt: Layout) -> Layout:
-    """The same prompt with its text spans removed: the unconditional input of CFG.
+# The span classifier-free guidance drops, per layout: the caption of t2i and sr prompts, the
+# image of caption prompts (what CaptionTask's image_dropout trains on).
+CONDITION_SPAN = {"t2i": "text", "sr": "text", "caption": "image"}
 
-    For t2i and sr prompts this is exactly what ``t2i_prompt`` / ``sr_prompt`` build from an
-    empty caption (``allow_empty_text=True``), i.e. what caption dropout trains on.
+
+def unconditional_prompt(prompt: Layout) -> Layout:
+    """The same prompt with its condition span removed: the unconditional input of CFG.
+
+    t2i and sr prompts lose their text: exactly what ``t2i_prompt`` / ``sr_prompt`` build
+    from an empty caption (``allow_empty_text=True``), i.e. what caption dropout trains on.
+    Caption prompts lose their image, as ``CaptionTask``'s ``image_dropout`` trains them.
     """
+    dropped = CONDITION_SPAN.get(prompt.task, "text")
     keep = torch.ones(len(prompt), dtype=torch.bool)
     for start, end, kind in prompt.spans:
-        if kind == "text":
+        if kind == dropped:
             keep[start:end] = False
     if bool(keep.all()):
-        raise ValueError(f"a {prompt.task} prompt without a text span has nothing to drop for "
-                         "classifier-free guidance; use cfg_scale=1 or pass uncond_prompts")
+        raise ValueError(f"a {prompt.task} prompt with no {dropped} span has nothing to drop "
+                         "for classifier-free guidance; use cfg_scale=1 or pass uncond_prompts")
     kept_before = torch.cat([torch.zeros(1, dtype=torch.long), keep.long().cumsum(0)])  # (T+1,)
     spans = [(int(kept_before[s]), int(kept_before[s]) + e - s, k)
-             for s, e, k in prompt.spans if k != "text"]
+             for s, e, k in prompt.spans if k != dropped]
     input_ids = prompt.input_ids[keep]
     length = input_ids.numel()
     # sequential positions close up over the dropped text; reserved text slots stay reserved
@@ -194,7 +201,7 @@ def _stack_prompts(cond: PromptBatch, uncond: PromptBatch, pad_id: int) -> Promp
     return {key: torch.cat([cond[key], uncond[key]]) for key in cond}
 
 
-def _guidance_batch(prompts, cond: PromptBatch, uncond_prompts, cfg_scale: float,
+def guidance_batch(prompts, cond: PromptBatch, uncond_prompts, cfg_scale: float,
                     vocab: CogViewVocab) -> tuple[PromptBatch, bool]:
     """The rows to run: cond [B, L], or with guidance cond then uncond [2B, L]; and whether
     guidance is on (cfg_scale != 1, or uncond_prompts given)."""
@@ -203,7 +210,7 @@ def _guidance_batch(prompts, cond: PromptBatch, uncond_prompts, cfg_scale: float
     if uncond_prompts is None:
         if isinstance(prompts, dict):
             raise ValueError("classifier-free guidance on a collated batch needs "
-                             "uncond_prompts (the same prompts with an empty text span)")
+                             "uncond_prompts (the same prompts without their condition span)")
         uncond_prompts = [unconditional_prompt(p) for p in prompts]
     uncond = prompt_batch(uncond_prompts, vocab, "uncond_prompts")
     batch_size = cond["input_ids"].shape[0]
@@ -373,7 +380,7 @@ def generate_span(model: GenerativeModel, prompts, span_kind: str | None, num_to
         if given.numel() and (int(given.min()) < lo or int(given.max()) >= hi):
             raise ValueError(f"known ids must be -1 or {span_kind} ids in [{lo}, {hi}); got "
                              f"values in [{int(given.min())}, {int(given.max())}]")
-    batch, guided = _guidance_batch(prompts, cond, uncond_prompts, cfg_scale, vocab)
+    batch, guided = guidance_batch(prompts, cond, uncond_prompts, cfg_scale, vocab)
 
     device = next(model.parameters()).device
     out = torch.full((batch_size, num_tokens), vocab.pad_id, dtype=torch.long, device=device)

@@ -7,14 +7,36 @@ import json
 import torch
 
 from cogview.generation import generate_captions
-from cogview.tasks.sequence import SequenceTask
+from cogview.tasks.sequence import SequenceTask, dropout_rows, hide_tokens
 from cogview.tokenization.layouts import extract_image_codes
 from cogview.visualize import image_grid
 
+
 class CaptionTask(SequenceTask):
-    """Captioning; fine-tune it from a t2i checkpoint with ``task.init_from=...``."""
+    """Captioning; fine-tune it from a t2i checkpoint with ``task.init_from=...``.
+
+    ``image_dropout``: that fraction of training captions is scored without its image (the
+    image tokens hidden, as the layout without them), so the model also learns the captions'
+    unconditional distribution and captions can be decoded with classifier-free guidance
+    (``generate_captions(cfg_scale=...)``).
+    """
 
     layout_name = "caption"
+
+    def __init__(self, *args, image_dropout: float = 0.0, **kwargs) -> None:
+        if not 0.0 <= image_dropout < 1.0:
+            raise ValueError(f"task.image_dropout={image_dropout} must be in [0, 1): the fraction "
+                             "of training captions scored without their image (0 = off)")
+        super().__init__(*args, **kwargs)
+
+    def maybe_drop_condition(self, batch: dict) -> dict:
+        p = self.hparams.get("image_dropout", 0.0)
+        rows = dropout_rows(p, batch) if p and self.training else None
+        if rows is None:
+            return batch
+        image = batch["input_ids"] < self.vocab.num_image_codes  # image ids come first
+        hidden = image & batch["attention_mask"].bool() & rows[:, None]
+        return hide_tokens(batch, hidden, keep_positions=self.text_slots is not None)
 
     @property
     def stop_id(self) -> int | None:

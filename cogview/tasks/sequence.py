@@ -87,6 +87,28 @@ def training_data(datamodule) -> dict | None:
             "fingerprints": manifest.get("fingerprints", {})}
 
 
+def hide_tokens(batch: dict[str, torch.Tensor], hidden: torch.Tensor,
+                keep_positions: bool = False) -> dict[str, torch.Tensor]:
+    """The batch with its ``hidden`` tokens ([B, T] bool) taken out of the sequences.
+
+    They are hidden from attention and the positions after them are compacted
+    (``keep_positions``: left as they are, for layouts with reserved text slots), which is what
+    the layout without them gives; targets at or predicted from a hidden token leave the loss.
+    """
+    attention = batch["attention_mask"].bool() & ~hidden
+    positions = (batch["position_ids"] if keep_positions
+                 else (attention.long().cumsum(-1) - 1).clamp_min(0))
+    loss_mask = batch["loss_mask"].bool() & ~hidden
+    loss_mask[:, 1:] &= ~hidden[:, :-1]  # a target predicted from a hidden position
+    return {**batch, "attention_mask": attention, "position_ids": positions, "loss_mask": loss_mask}
+
+
+def dropout_rows(p: float, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Each row with probability ``p`` -> BoolTensor [B], or None when no row is drawn."""
+    rows = torch.rand(batch["input_ids"].shape[0], device=batch["input_ids"].device) < p
+    return rows if bool(rows.any()) else None
+
+
 class SequenceTask(CogViewTask):
     """Next-token training of the backbone on one task's layout.
 
@@ -200,7 +222,7 @@ class SequenceTask(CogViewTask):
         if self.image_tokens is None:
             codes = int((batch["input_ids"][0] < self.vocab.num_image_codes).sum())
             self.image_tokens = codes * 4 // 5 if self.layout_name == "sr" else codes  # sr: hr part
-        batch = self.maybe_drop_captions(batch)
+        batch = self.maybe_drop_condition(batch)
         out = self.losses(batch)
         self.log_losses("train", out, batch["input_ids"].shape[0])
         return out["loss"]
@@ -219,8 +241,9 @@ class SequenceTask(CogViewTask):
         for key in [k for k in state if k.startswith(f"{IMAGE_TOKENIZER_ATTR}.")]:
             del state[key]  # checkpoints written before the VQ-VAE was kept out of the tree
 
-    def maybe_drop_captions(self, batch: dict) -> dict:
-        """t2i only: see ``T2ITask``."""
+    def maybe_drop_condition(self, batch: dict) -> dict:
+        """Classifier-free guidance training: t2i drops captions (``T2ITask``), caption drops
+        images (``CaptionTask``)."""
         return batch
 
     # --------------------------------------------------------------- samples

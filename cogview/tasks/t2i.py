@@ -8,25 +8,14 @@ import torch
 
 from cogview.data.shapes import eval_prompts
 from cogview.generation import generate_images
-from cogview.tasks.sequence import SequenceTask
+from cogview.tasks.sequence import SequenceTask, dropout_rows, hide_tokens
 from cogview.visualize import image_grid
+
 
 def drop_text(batch: dict[str, torch.Tensor], rows: torch.Tensor, text_mask_key: str = "text_mask",
               keep_positions: bool = False) -> dict[str, torch.Tensor]:
-    """Turns ``rows`` of a t2i batch into empty-caption sequences.
-
-    The text tokens are hidden from attention and the positions after them are compacted
-    (``keep_positions``: left as they are, for layouts with reserved text slots), which is
-    what the layout with an empty text span gives; targets predicted from a hidden token
-    are dropped from the loss.
-    """
-    text = batch[text_mask_key].bool() & rows[:, None]  # (B, T)
-    attention = batch["attention_mask"].bool() & ~text
-    positions = (batch["position_ids"] if keep_positions
-                 else (attention.long().cumsum(-1) - 1).clamp_min(0))
-    loss_mask = batch["loss_mask"].bool() & ~text
-    loss_mask[:, 1:] &= ~text[:, :-1]  # a target predicted from a hidden text position
-    return {**batch, "attention_mask": attention, "position_ids": positions, "loss_mask": loss_mask}
+    """Turns ``rows`` of a t2i batch into empty-caption sequences (``hide_tokens``)."""
+    return hide_tokens(batch, batch[text_mask_key].bool() & rows[:, None], keep_positions)
 
 
 class T2ITask(SequenceTask):
@@ -38,12 +27,10 @@ class T2ITask(SequenceTask):
     def text_end_ids(self) -> list[int]:
         return [self.vocab.base_id]  # [ROI1] text [BASE]
 
-    def maybe_drop_captions(self, batch: dict) -> dict:
+    def maybe_drop_condition(self, batch: dict) -> dict:
         p = self.hparams.caption_dropout
-        if not p or not self.training:
-            return batch
-        rows = torch.rand(batch["input_ids"].shape[0], device=batch["input_ids"].device) < p
-        if not rows.any():
+        rows = dropout_rows(p, batch) if p and self.training else None
+        if rows is None:
             return batch
         return drop_text(batch, rows, keep_positions=self.text_slots is not None)
 
