@@ -96,8 +96,9 @@ def train_sequence_task(demo: DictConfig, task: str, vqvae: Path, shards: Path, 
         f"callbacks.shapes_eval.temperature={demo.eval.temperature}",
         f"callbacks.shapes_eval.cfg_scale={demo.eval.cfg_scale}",
         f"callbacks.shapes_eval.caption_cfg_scale={demo.eval.caption_cfg_scale}"]
-    if task == "caption":
-        overrides.append(f"task.image_dropout={budget.image_dropout}")
+    # optional per-task settings of the budget (t2i: txt_loss_scale; caption: image_dropout)
+    overrides += [f"task.{key}={budget[key]}" for key in ("txt_loss_scale", "image_dropout")
+                  if key in budget]
     if init_from is not None:
         overrides.append(f"task.init_from={init_from}")
     train(compose_config("train", overrides))

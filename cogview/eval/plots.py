@@ -192,7 +192,7 @@ def plot_accuracy_bars(results: Mapping[str, Mapping[str, float]], out_png: str 
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     width = 0.8 / len(splits)
-    target_label = "target"  # legend entry for the first target line only
+    target_label = "reference"  # legend entry for the first reference line only
     for i, split in enumerate(splits):
         xs = [j + (i - (len(splits) - 1) / 2) * width for j in range(len(attributes))]
         values = [results[split][a] for a in attributes]
@@ -228,7 +228,7 @@ def plot_quality_curves(curves: Mapping[str, Sequence[Mapping[str, float]]], out
     """Quality against training time, one panel per task: the ``oracle_curve.json`` points
     ``ShapesOracleEval`` writes ({"step", "train_seconds", "<split>_<metric>": value}).
 
-    t2i: full match per split; caption: exact match per split (dashed line: the 90 % target);
+    t2i: full match per split; caption: exact match per split (dashed line: 90 %);
     sr: PSNR per split (dashed: the sampled codes before the consistency refinement, when
     logged), with the split's bicubic PSNR as a dotted line of the same colour.
     targets: optional {task: {split: value}}, dashed lines in the split's colour.
@@ -267,16 +267,16 @@ def plot_quality_curves(curves: Mapping[str, Sequence[Mapping[str, float]]], out
             target = (targets or {}).get(task, {}).get(split)
             if target is not None:
                 ax.axhline(target, color=f"C{i}", linestyle="--", linewidth=0.8, alpha=0.7,
-                           label=f"{split} target")
+                           label=f"{split} reference")
         if metric != "psnr":
             ax.set_ylim(0, 1.02)
             ax.yaxis.set_major_formatter(PercentFormatter(1.0))
             if default_target is not None:
                 ax.axhline(default_target, color="black", linestyle="--", linewidth=1,
-                           label=f"target {default_target:.0%}")
+                           label=f"reference {default_target:.0%}")
         ax.set_xlabel("training minutes (evaluation excluded)")
         ax.set_ylabel(label)
-        ax.set_title(f"{task} (target: bicubic + 1 dB)" if metric == "psnr" else task)
+        ax.set_title(f"{task} (reference: bicubic + 1 dB)" if metric == "psnr" else task)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     out = Path(out_png)
