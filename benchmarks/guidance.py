@@ -32,8 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import (RESULTS_DIR, machine_info, parse_exports,  # noqa: E402
                                save_figure, split_axes, write_json)
-from cogview.data.shapes import eval_prompts  # noqa: E402
-from cogview.data.shapes import render_scene  # noqa: E402
+from cogview.data.shapes import eval_prompts, render_scene  # noqa: E402
 from cogview.eval.oracle import evaluate, evaluate_captions  # noqa: E402
 from cogview.eval.shapes_bench import SPLIT_NAMES, SPLITS  # noqa: E402
 from cogview.pipeline import Pipeline  # noqa: E402

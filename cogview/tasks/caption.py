@@ -7,7 +7,7 @@ import json
 import torch
 
 from cogview.generation import generate_captions
-from cogview.tasks.sequence import SequenceTask, dropout_rows, hide_tokens
+from cogview.tasks.sequence import SequenceTask
 from cogview.tokenization.layouts import extract_image_codes
 from cogview.visualize import image_grid
 
@@ -29,14 +29,13 @@ class CaptionTask(SequenceTask):
                              "of training captions scored without their image (0 = off)")
         super().__init__(*args, **kwargs)
 
-    def maybe_drop_condition(self, batch: dict) -> dict:
-        p = self.hparams.get("image_dropout", 0.0)
-        rows = dropout_rows(p, batch) if p and self.training else None
-        if rows is None:
-            return batch
+    @property
+    def condition_dropout(self) -> float:
+        return self.hparams.get("image_dropout", 0.0)  # checkpoints from before it: 0
+
+    def condition_tokens(self, batch: dict) -> torch.Tensor:
         image = batch["input_ids"] < self.vocab.num_image_codes  # image ids come first
-        hidden = image & batch["attention_mask"].bool() & rows[:, None]
-        return hide_tokens(batch, hidden, keep_positions=self.text_slots is not None)
+        return image & batch["attention_mask"].bool()
 
     @property
     def stop_id(self) -> int | None:

@@ -103,12 +103,6 @@ def hide_tokens(batch: dict[str, torch.Tensor], hidden: torch.Tensor,
     return {**batch, "attention_mask": attention, "position_ids": positions, "loss_mask": loss_mask}
 
 
-def dropout_rows(p: float, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """Each row with probability ``p`` -> BoolTensor [B], or None when no row is drawn."""
-    rows = torch.rand(batch["input_ids"].shape[0], device=batch["input_ids"].device) < p
-    return rows if bool(rows.any()) else None
-
-
 class SequenceTask(CogViewTask):
     """Next-token training of the backbone on one task's layout.
 
@@ -241,10 +235,25 @@ class SequenceTask(CogViewTask):
         for key in [k for k in state if k.startswith(f"{IMAGE_TOKENIZER_ATTR}.")]:
             del state[key]  # checkpoints written before the VQ-VAE was kept out of the tree
 
+    # Classifier-free guidance training: a task with a condition to drop (t2i: the caption;
+    # caption: the image) takes it out of ``condition_dropout`` of the training rows.
+    condition_dropout = 0.0
+
+    def condition_tokens(self, batch: dict) -> torch.Tensor:
+        """BoolTensor [B, T]: the tokens ``maybe_drop_condition`` takes out of a dropped row."""
+        raise NotImplementedError(f"{type(self).__name__} has no condition to drop")
+
     def maybe_drop_condition(self, batch: dict) -> dict:
-        """Classifier-free guidance training: t2i drops captions (``T2ITask``), caption drops
-        images (``CaptionTask``)."""
-        return batch
+        """Takes the condition out of each training row with probability ``condition_dropout``
+        (``hide_tokens``: as the layout without it)."""
+        p = self.condition_dropout
+        if not p or not self.training:
+            return batch
+        rows = torch.rand(batch["input_ids"].shape[0], device=batch["input_ids"].device) < p
+        if not rows.any():
+            return batch
+        return hide_tokens(batch, self.condition_tokens(batch) & rows[:, None],
+                           keep_positions=self.text_slots is not None)
 
     # --------------------------------------------------------------- samples
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:

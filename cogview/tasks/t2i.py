@@ -8,7 +8,7 @@ import torch
 
 from cogview.data.shapes import eval_prompts
 from cogview.generation import generate_images
-from cogview.tasks.sequence import SequenceTask, dropout_rows, hide_tokens
+from cogview.tasks.sequence import SequenceTask, hide_tokens
 from cogview.visualize import image_grid
 
 
@@ -27,12 +27,12 @@ class T2ITask(SequenceTask):
     def text_end_ids(self) -> list[int]:
         return [self.vocab.base_id]  # [ROI1] text [BASE]
 
-    def maybe_drop_condition(self, batch: dict) -> dict:
-        p = self.hparams.caption_dropout
-        rows = dropout_rows(p, batch) if p and self.training else None
-        if rows is None:
-            return batch
-        return drop_text(batch, rows, keep_positions=self.text_slots is not None)
+    @property
+    def condition_dropout(self) -> float:
+        return self.hparams.caption_dropout
+
+    def condition_tokens(self, batch: dict) -> torch.Tensor:
+        return batch["text_mask"].bool()
 
     @torch.no_grad()
     def log_samples(self, batch: dict) -> None:
