@@ -380,14 +380,19 @@ class DemoApp:
 
     # ---------------------------------------------------------------- captioning
     def caption(self, image, greedy=True, seed=0) -> str:
-        """An uploaded image -> its caption (greedy, or sampled with ``seed``)."""
+        """An uploaded image -> its caption (greedy, or sampled with ``seed``); with a t2i
+        model loaded and app.yaml caption.rerank_candidates > 0, the best of it and that many
+        sampled captions by the t2i model's image score (``Pipeline.caption(reranker=...)``)."""
         pipe = self._model("caption")
         picture = self._read_upload(image)
         seed = as_int(seed, "seed", 0, MAX_SEED)
-        with self._using("caption"), user_errors():
+        candidates = int(self.cfg.caption.get("rerank_candidates", 0))
+        rerank = ({"reranker": self.models.t2i, "num_candidates": candidates}
+                  if candidates > 0 and self.models.t2i is not None else {})
+        with self._using("caption", *(["t2i"] if rerank else [])), user_errors():
             text = pipe.caption([picture], greedy=bool(greedy), seed=seed, progress=False,
                                 num_beams=self.caption_beams if greedy else 1,
-                                **self._sampling("caption"))[0]
+                                **self._sampling("caption"), **rerank)[0]
         return text or "(空 the model ended the caption at once)"
 
     # ---------------------------------------------------------------- super-resolution

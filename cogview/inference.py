@@ -413,18 +413,28 @@ def caption_shards(cfg: DictConfig, ranks: RankWork) -> Path:
 
 
 def add_captions(cfg: DictConfig, pipe, items: list[tuple[dict, object]]) -> None:
-    """Captions every item that has an image or code grid and stores it in its row."""
+    """Captions every item that has an image or code grid and stores it in its row. With
+    rerank.ckpt (a t2i export) the row also gets the ``decoded`` caption before reranking and
+    the kept caption's ``image_score``."""
     good = [(row, item) for row, item in items if item is not None]
     if not good:
         return
+    rerank_ckpt = (cfg.get("rerank") or {}).get("ckpt")
+    rerank = {} if not rerank_ckpt else {
+        "reranker": load_pipeline(cfg, rerank_ckpt, "t2i"), "num_candidates": cfg.num_candidates}
     captions = pipe.caption([item for _, item in good], greedy=cfg.greedy,
                             max_len=cfg.get("max_len"), seed=cfg.seed,
                             temperature=cfg.temperature, top_k=cfg.top_k,
                             max_inference_batch_size=cfg.max_inference_batch_size,
                             num_beams=cfg.num_beams if cfg.greedy else 1,
-                            cfg_scale=cfg.get("cfg_scale", 1.0))
+                            cfg_scale=cfg.get("cfg_scale", 1.0), details=True, **rerank)
     for (row, _), caption in zip(good, captions):
-        row["caption"] = caption
+        row["caption"] = caption["caption"]
+        if rerank:
+            texts = caption["candidates"]
+            best = texts.index(caption["caption"]) if texts else None
+            row.update(decoded=caption["decoded"], num_candidates=len(texts),
+                       image_score=None if best is None else round(caption["scores"][best], 5))
 
 
 def rerank_images(cfg: DictConfig, ranks: RankWork) -> Path:
@@ -594,7 +604,8 @@ def evaluate_exports(cfg: DictConfig, ranks: RankWork) -> Path:
         is_classifier=cfg.is_classifier, caption_images=cfg.caption_images,
         sr_images=cfg.sr_images, sr_top_k=cfg.sr_top_k, sr_refine_sweeps=cfg.sr_refine_sweeps,
         caption_num_beams=cfg.caption_num_beams,
-        caption_cfg_scale=cfg.get("caption_cfg_scale", 1.0))
+        caption_cfg_scale=cfg.get("caption_cfg_scale", 1.0),
+        caption_candidates=cfg.get("caption_candidates", 0))
     runs = [Path(run) for run in (cfg.get("runs") or [])]
     if runs:
 

@@ -38,7 +38,7 @@ from cogview.generation.batching import BatchSizer, run_in_batches
 from cogview.generation.beam import check_num_beams
 from cogview.generation.completion import known_codes, region_mask
 from cogview.generation.drivers import generate_captions, generate_images
-from cogview.generation.scoring import caption_log_likelihood
+from cogview.generation.scoring import caption_log_likelihood, image_log_likelihood
 from cogview.generation.superres import (
     SRSettings,
     check_refine_args,
@@ -214,6 +214,9 @@ class PipelineOutput:
     @property
     def scores_per_prompt(self) -> list[list[float]] | None:
         return None if self.scores is None else self._grouped(self.scores)
+
+
+SCORE_BATCH = 256  # (image, caption) pairs per forward when reranking captions
 
 
 class Pipeline:
@@ -627,14 +630,27 @@ class Pipeline:
     def caption(self, images, greedy: bool = True, max_len: int | None = None, seed: int = 0,
                 temperature: float = 1.0, top_k: int | None = 200,
                 max_inference_batch_size: int = 12, progress: bool = True,
-                num_beams: int = 1, cfg_scale: float = 1.0) -> list[str]:
+                num_beams: int = 1, cfg_scale: float = 1.0,
+                reranker: "Pipeline | None" = None, num_candidates: int | None = None,
+                details: bool = False) -> list:
         """Image captioning: PIL images, paths or code grids (LongTensor [h, w], e.g. from
         pretokenized shards) -> one caption each (image i: seed ``seed + i`` when sampling).
         Captions end at the end token (``caption_stop_id``: the export's, else [SEP] for
         full-vocabulary models) or after ``max_len`` tokens (default: the export's
         max_text_len). ``num_beams`` > 1 (with ``greedy=True``): the most likely caption found
         by beam search, not the greedy one. ``cfg_scale`` != 1: classifier-free guidance against
-        the caption without its image (for captioners trained with ``task.image_dropout``)."""
+        the caption without its image (for captioners trained with ``task.image_dropout``).
+
+        reranker: a t2i Pipeline (noisy-channel reranking). Beside the caption decoded as above,
+        ``num_candidates`` (default 16) captions per image are sampled (``temperature``,
+        ``top_k``, no guidance; candidate k of image i uses seed ``seed + (k + 1) * N + i`` for
+        N images), and the caption kept is the one under which the t2i model finds the image
+        most likely (``reranker.image_scores``; ties keep the decoded caption). A t2i model
+        binds attributes to objects the captioner may mix up: it tells the right candidate
+        from a near miss. details=True: a dict per image instead of a str, with the
+        ``caption``, the ``decoded`` caption before reranking, the distinct ``candidates`` and
+        their ``scores``.
+        """
 
         check_num_beams(num_beams, greedy or temperature == 0)
         if isinstance(images, (str, Path, Image.Image)):
@@ -643,24 +659,120 @@ class Pipeline:
                  for image in images]  # code grids [h, w] pass through
         if not items:
             raise ValueError("no images given to caption")
+        draws = self._check_caption_reranker(reranker, num_candidates, items)
         max_len = max_len or self.max_text_len or 64
         indexed = list(enumerate(items))
 
-        def describe(chunk: list[tuple[int, object]]) -> list[str]:
+        def decode(ids_list: list[list[int]]) -> list[str]:
+            return [self.text_tokenizer.decode(ids) for ids in ids_list]
+
+        def describe(chunk: list[tuple[int, object]]) -> list:
             pictures = [item for _, item in chunk if not isinstance(item, torch.Tensor)]
             encoded = iter(self.encode_images(pictures).flatten(1)) if pictures else iter(())
             codes = [item.flatten().long() if isinstance(item, torch.Tensor) else next(encoded)
                      for _, item in chunk]
-            text_ids = generate_captions(
+            texts = decode(generate_captions(
                 self.model, self.vocab, codes, max_len,
                 [seed + index for index, _ in chunk], greedy=greedy, stop_id=self.caption_stop_id,
                 temperature=temperature, top_k=top_k, text_slots=self.text_slots,
-                num_beams=num_beams, cfg_scale=cfg_scale)
-            return [self.text_tokenizer.decode(ids) for ids in text_ids]
+                num_beams=num_beams, cfg_scale=cfg_scale))
+            if reranker is None:
+                return [{"caption": t} for t in texts] if details else texts
+            sampled = decode(generate_captions(
+                self.model, self.vocab, codes * draws, max_len,
+                [seed + (k + 1) * len(items) + index for k in range(draws) for index, _ in chunk],
+                greedy=False, stop_id=self.caption_stop_id, temperature=temperature, top_k=top_k,
+                text_slots=self.text_slots))
+            return self._rerank_captions(reranker, chunk, texts, sampled, details)
 
         self.batch_sizer = BatchSizer(max_inference_batch_size)
         return run_in_batches(indexed, describe, sizer=self.batch_sizer, desc="captioning",
                               progress=progress, describe=lambda item: f"image {item[0]}")
+
+    def _check_caption_reranker(self, reranker: "Pipeline | None", num_candidates: int | None,
+                                items: list) -> int:
+        """The number of sampled candidates per image (0 without a reranker); ValueError for a
+        reranker that cannot score these captions."""
+        if reranker is None:
+            if num_candidates is not None:
+                raise ValueError("num_candidates needs a reranker (a t2i Pipeline): pipe.caption("
+                                 "images, reranker=Pipeline.from_pretrained(t2i_export))")
+            return 0
+        draws = 16 if num_candidates is None else num_candidates
+        check_int("num_candidates", draws,
+                  meaning="captions sampled per image beside the decoded one")
+        if reranker.task != "t2i":
+            raise ValueError(f"the caption reranker is a task={reranker.task!r} export; pass a t2i "
+                             "export (it scores how likely the image is under each caption)")
+        if any(isinstance(item, torch.Tensor) for item in items):
+            mine, theirs = self.image_tokenizer_fingerprint, reranker.image_tokenizer_fingerprint
+            if mine is None or mine != theirs:
+                raise ValueError(
+                    f"code grids from this export's VQ-VAE (fingerprint {mine}) cannot be scored "
+                    f"by a t2i export with VQ-VAE {theirs}: pass the images as pictures, or a "
+                    "reranker trained on the same VQ-VAE")
+        return draws
+
+    def _rerank_captions(self, reranker: "Pipeline", chunk: list[tuple[int, object]],
+                         decoded: list[str], sampled: list[str], details: bool) -> list:
+        """Per image of the chunk: the decoded caption and its distinct non-empty samples,
+        scored by ``reranker.image_scores``; the best (the decoded one on a tie)."""
+        candidates = []
+        for j, text in enumerate(decoded):
+            mine = [text] + sampled[j::len(chunk)]  # sample k of image j: row k * len(chunk) + j
+            candidates.append([c for c in dict.fromkeys(mine) if c.strip()])
+        pairs = [(item, text) for (_, item), texts in zip(chunk, candidates) for text in texts]
+        scores = iter(reranker.image_scores([item for item, _ in pairs],
+                                            [text for _, text in pairs],
+                                            max_inference_batch_size=SCORE_BATCH,
+                                            progress=False) if pairs else [])
+        results = []
+        for text, texts in zip(decoded, candidates):
+            values = [next(scores) for _ in texts]
+            best = texts[max(range(len(texts)), key=lambda i: (values[i], -i))] if texts else text
+            results.append({"caption": best, "decoded": text, "candidates": texts,
+                            "scores": values} if details else best)
+        return results
+
+    @property
+    def image_tokenizer_fingerprint(self) -> str | None:
+        """The VQ-VAE the model was trained on (the export's data fingerprints), if recorded."""
+        return ((self.info.get("data") or {}).get("fingerprints") or {}).get("image_tokenizer")
+
+    @torch.inference_mode()
+    @mixed_precision
+    def image_scores(self, images, prompts: str | Sequence[str],
+                     max_inference_batch_size: int = 12, progress: bool = True) -> list[float]:
+        """Image score with a t2i export: mean log P(image codes | prompt) per (image, prompt)
+        pair; higher means the image fits the prompt better. Images: PIL images, paths or code
+        grids of this export's VQ-VAE (LongTensor [h, w])."""
+
+        if isinstance(images, torch.Tensor) and images.dim() == 2:
+            images = [images]
+        images, prompt_list = pair_prompts(images, prompts, "score")
+        texts = [self.encode_prompt(p, f"prompt {i}") for i, p in enumerate(prompt_list)]
+        prepared: dict[int, object] = {}  # an image given for several prompts: prepared once
+        for image in images:
+            if not isinstance(image, torch.Tensor) and id(image) not in prepared:
+                prepared[id(image)] = self.prepare_image(image)
+        items = [image if isinstance(image, torch.Tensor) else prepared[id(image)]
+                 for image in images]
+
+        def score(chunk: list[int]) -> list[float]:
+            unique = list({id(items[i]): items[i] for i in chunk
+                           if not isinstance(items[i], torch.Tensor)}.values())
+            grids = (dict(zip(map(id, unique), self.encode_images(unique).flatten(1)))
+                     if unique else {})
+            codes = [items[i].flatten().long() if isinstance(items[i], torch.Tensor)
+                     else grids[id(items[i])] for i in chunk]
+            values = image_log_likelihood(self.model, self.vocab, [texts[i] for i in chunk], codes,
+                                          max_text_len=self.max_text_len,
+                                          text_slots=self.text_slots, loss_vocab=self.loss_vocab)
+            return [float(v) for v in values]
+
+        self.batch_sizer = BatchSizer(max_inference_batch_size)
+        return run_in_batches(list(range(len(items))), score, sizer=self.batch_sizer,
+                              desc="scoring", progress=progress, describe=lambda i: f"image {i}")
 
     def __repr__(self) -> str:
         return (f"Pipeline(task={self.task!r}, {self.vocab!r}, "

@@ -166,7 +166,8 @@ def test_browser_generate_caption_and_error_then_recovery(server, browser, refer
     page.click("#t2i-generate")
     check_t2i_results(page, reference, "蓝色的正方形", 40)
 
-    # captioning: upload an image, a Chinese caption appears (the caption model's own)
+    # captioning: upload an image, a Chinese caption appears (the caption model's own, its
+    # beam caption and 16 samples reranked by the t2i model: app.yaml caption.rerank_candidates)
     upload = tmp_path / "upload.png"
     shown[0].save(upload)
     page.get_by_role("tab", name="图像描述 Captioning").click()
@@ -177,7 +178,9 @@ def test_browser_generate_caption_and_error_then_recovery(server, browser, refer
         "document.querySelector('#caption-output textarea').value.length > 0", timeout=30_000)
     caption = page.input_value("#caption-output textarea")
     assert CJK.search(caption), caption
-    assert caption == reference["caption"].caption([shown[0]], progress=False, num_beams=4)[0]
+    assert caption == reference["caption"].caption([shown[0]], progress=False, num_beams=4,
+                                                   reranker=reference["t2i"],
+                                                   num_candidates=16)[0]
     page.screenshot(path=str(ARTIFACTS / "app_caption.png"))
 
     # every request the page made stayed on the app's own host (the page renders offline)

@@ -8,7 +8,7 @@ from PIL import Image
 
 from cogview.generation import generate_images, generate_sr
 from cogview.generation.completion import known_codes, region_mask
-from cogview.generation.scoring import caption_log_likelihood
+from cogview.generation.scoring import caption_log_likelihood, image_log_likelihood
 from cogview.generation.superres import plan_sr_windows, sliding_window_sr, window_offsets
 from cogview.modules.transformer import CogViewTransformer, TransformerConfig
 from cogview.pipeline import PipelineOutput
@@ -152,9 +152,38 @@ def test_caption_score_is_the_mean_log_probability_of_the_text(model):
         assert float(scores[b]) == pytest.approx(sum(picked) / len(picked), abs=1e-5)
 
 
+@pytest.mark.parametrize("loss_vocab", ["full", "span"])
+def test_image_score_is_the_mean_log_probability_of_the_image_codes(model, loss_vocab):
+    from cogview.tokenization.layouts import t2i_layout
+
+    texts = [[1, 2, 3], [4, 5, 6, 7, 8]]  # different lengths: the batch is padded
+    codes = [torch.arange(16) % K, (torch.arange(16) * 3) % K]
+    scores = image_log_likelihood(model, VOCAB, texts, codes, loss_vocab=loss_vocab)
+    for b in range(2):  # reference: one unpadded sequence, log-softmax at each image position
+        layout = t2i_layout(VOCAB, texts[b], codes[b])
+        ids = layout.input_ids[None]
+        with torch.no_grad():
+            logits = model(ids, layout.position_ids[None], torch.ones_like(ids, dtype=torch.bool))
+        logits = logits[0, :-1].float()
+        if loss_vocab == "span":  # over the image codes only (ids 0..K-1)
+            logits = logits[:, :K]
+        logp = torch.log_softmax(logits, -1)
+        picked = [float(logp[t, ids[0, t + 1]]) for t in range(ids.shape[1] - 1)
+                  if ids[0, t + 1] < K]
+        assert len(picked) == 16
+        assert float(scores[b]) == pytest.approx(sum(picked) / len(picked), abs=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the head stays in fp32 under autocast
+        mixed = image_log_likelihood(model, VOCAB, texts, codes, loss_vocab=loss_vocab)
+    assert torch.allclose(mixed, scores, atol=0.05)
+
+
 def test_caption_score_bad_input():
     with pytest.raises(ValueError, match="one text per image"):
         caption_log_likelihood(None, VOCAB, [torch.zeros(4)], [[1], [2]])
+    with pytest.raises(ValueError, match="one image per text"):
+        image_log_likelihood(None, VOCAB, [[1], [2]], [torch.zeros(4)])
+    with pytest.raises(ValueError, match="nothing to score"):
+        image_log_likelihood(None, VOCAB, [], [])
 
 
 # ------------------------------------------------------------------------------ the Pipeline

@@ -112,19 +112,39 @@ def test_infer_py_caption_reports_a_corrupt_image_and_captions_the_rest(exports,
         assert 0 < len(row["caption"]) <= 6  # max_len defaults to the export's max_text_len
 
 
-def test_infer_caption_with_guidance_gives_the_pipelines_guided_captions(exports, tmp_path):
-    from cogview.pipeline import Pipeline
-
+def caption_two_images(exports, tmp_path, *overrides) -> tuple[list, list[dict]]:
+    """infer.py task=caption on a red and a blue 64 px image -> (the images, its rows)."""
     images = [Image.new("RGB", (64, 64), color) for color in ((220, 50, 50), (50, 100, 220))]
     for i, image in enumerate(images):
         image.save(tmp_path / f"{i}.png")
     out = tmp_path / "out"
     infer_in_process("task=caption", f"ckpt={exports / 'caption'}",
-                     f"images=[{tmp_path / '0.png'},{tmp_path / '1.png'}]", "cfg_scale=2.0",
+                     f"images=[{tmp_path / '0.png'},{tmp_path / '1.png'}]", *overrides,
                      f"output_dir={out}")
+    return images, read_rows(out / "results.jsonl")
+
+
+def test_infer_caption_with_guidance_gives_the_pipelines_guided_captions(exports, tmp_path):
+    from cogview.pipeline import Pipeline
+
+    images, rows = caption_two_images(exports, tmp_path, "cfg_scale=2.0")
     pipe = Pipeline.from_pretrained(exports / "caption")
     expected = pipe.caption(images, num_beams=4, cfg_scale=2.0, progress=False)
-    assert [row["caption"] for row in read_rows(out / "results.jsonl")] == expected
+    assert [row["caption"] for row in rows] == expected
+
+
+def test_infer_caption_reranked_by_a_t2i_export_gives_the_pipelines_captions(exports, tmp_path):
+    from cogview.pipeline import Pipeline
+
+    images, rows = caption_two_images(exports, tmp_path, f"rerank.ckpt={exports / 't2i'}",
+                                      "num_candidates=3")
+    pipe = Pipeline.from_pretrained(exports / "caption")
+    expected = pipe.caption(images, num_beams=4, reranker=Pipeline.from_pretrained(exports / "t2i"),
+                            num_candidates=3, details=True, progress=False)
+    assert [row["caption"] for row in rows] == [e["caption"] for e in expected]
+    for row, e in zip(rows, expected):
+        assert row["decoded"] == e["decoded"] and row["num_candidates"] == len(e["candidates"])
+        assert row["image_score"] == pytest.approx(max(e["scores"]), abs=1e-4)
 
 
 # ------------------------------------------------------------------------------ rerank, sr, complete
@@ -252,7 +272,8 @@ def test_infer_eval_runs_the_shapes_benchmark_on_an_export_folder(exports, sr_ex
     (run / "logs" / "metrics.csv").write_text(
         "epoch,step,train/loss,val/loss\n0,9,5.0,\n0,9,,5.5\n0,19,3.0,\n0,19,,3.5\n")
     infer_in_process("task=eval", f"ckpt={exports}", "prompts_per_split=2", "num_candidates=2",
-                     "caption_images=2", "sr_images=2", "caption_cfg_scale=1.5", f"runs=[{run}]",
+                     "caption_images=2", "sr_images=2", "caption_cfg_scale=1.5",
+                     "caption_candidates=2", f"runs=[{run}]",
                      f"output_dir={out}")
     results = json.loads((out / "eval.json").read_text())
     assert set(results) == {"t2i", "caption", "sr"}
@@ -263,9 +284,11 @@ def test_infer_eval_runs_the_shapes_benchmark_on_an_export_folder(exports, sr_ex
     captions = results["caption"]["two"]
     assert captions["num_beams"] == 4 and 0 <= captions["greedy_exact_match"] <= 1
     assert captions["cfg_scale"] == 1.5
+    assert captions["num_candidates"] == 2 and 0 <= captions["decoded_exact_match"] <= 1
     report = (out / "report.md").read_text()
     assert "most likely caption of 4 beams" in report
     assert "classifier-free guidance 1.5 against the caption without its image" in report
+    assert "the beam caption and 2 sampled captions per image" in report
     for picture in ("t2i_accuracy.png", "t2i_two.png", "t2i_two_reranked.png", "caption_two.png",
                     "sr_seen.png", "loss_curves.png"):
         assert picture in report and (out / picture).is_file()
@@ -274,6 +297,18 @@ def test_infer_eval_runs_the_shapes_benchmark_on_an_export_folder(exports, sr_ex
     full_match = results["t2i"]["two"]["one_sample"]["full_match"]
     assert f"| two | one_sample.full_match | {full_match:.4g} |" in t2i_card
     assert "greedy_exact_match" in (exports / "caption" / "README.md").read_text(encoding="utf-8")
+
+
+def test_caption_reranking_in_the_benchmark_needs_a_t2i_export():
+    from cogview.eval.shapes_bench import caption_reranking
+
+    assert caption_reranking(None, 0) == {}
+    t2i = object()
+    assert caption_reranking(t2i, 4) == {"reranker": t2i, "num_candidates": 4}
+    with pytest.raises(ValueError, match="caption_candidates=4 reranks captions with a t2i export"):
+        caption_reranking(None, 4)
+    with pytest.raises(ValueError, match="caption_candidates=-1 must be an int >= 0"):
+        caption_reranking(t2i, -1)
 
 
 def test_infer_caption_reads_codes_from_pretokenized_shards(exports, tmp_path):

@@ -201,6 +201,71 @@ def test_caption_with_beams_is_the_beam_search_of_the_encoded_image(exports):
         pipe.caption(images, greedy=False, num_beams=3, progress=False)
 
 
+def test_captions_reranked_by_a_t2i_export_keep_the_candidate_it_scores_best(exports):
+    from cogview import Pipeline
+
+    captioner = Pipeline.from_pretrained(exports / "caption", precision="32-true")
+    t2i = Pipeline.from_pretrained(exports / "t2i", precision="32-true")
+    images = [Image.new("RGB", (64, 64), color) for color in ((220, 20, 20), (20, 20, 220))]
+    common = dict(max_len=6, progress=False, num_beams=2)
+    decoded = captioner.caption(images, **common)
+    out = captioner.caption(images, reranker=t2i, num_candidates=4, details=True, **common)
+    # candidate k of image i is the caption sampled with seed (k + 1) * N + i
+    sampled = [captioner.caption(images, greedy=False, max_len=6, progress=False,
+                                 seed=(k + 1) * len(images)) for k in range(4)]
+    for i, (result, image) in enumerate(zip(out, images)):
+        expected = [c for c in dict.fromkeys([decoded[i]] + [s[i] for s in sampled]) if c.strip()]
+        assert result["decoded"] == decoded[i] and result["candidates"] == expected
+        scores = t2i.image_scores([image] * len(expected), expected, progress=False)
+        assert result["scores"] == pytest.approx(scores, abs=1e-5)
+        assert result["caption"] == expected[int(np.argmax(scores))]
+    assert any(len(r["candidates"]) > 1 for r in out)  # the random captioner's samples differ
+    plain = captioner.caption(images, reranker=t2i, num_candidates=4, max_inference_batch_size=1,
+                              **common)
+    assert plain == [r["caption"] for r in out]  # strs without details, whatever the batch size
+
+    class Scores:  # a reranker whose image score is the caption's length (ties: the first)
+        task, image_tokenizer_fingerprint = "t2i", None
+
+        def __init__(self, score):
+            self.score = score
+
+        def image_scores(self, images, prompts, **kwargs):
+            return [self.score(p) for p in prompts]
+
+    longest = captioner.caption(images, reranker=Scores(len), num_candidates=4, details=True,
+                                **common)
+    for result in longest:
+        lengths = [len(c) for c in result["candidates"]]
+        assert result["caption"] == result["candidates"][lengths.index(max(lengths))]
+    assert captioner.caption(images, reranker=Scores(lambda p: 0.0), num_candidates=4,
+                             **common) == decoded  # a tie keeps the decoded caption
+
+    with pytest.raises(ValueError, match="num_candidates needs a reranker"):
+        captioner.caption(images, num_candidates=4, progress=False)
+    with pytest.raises(ValueError, match="num_candidates=0 must be"):
+        captioner.caption(images, reranker=t2i, num_candidates=0, progress=False)
+    with pytest.raises(ValueError, match="task='caption' export; pass a t2i export"):
+        captioner.caption(images, reranker=captioner, progress=False)
+    grids = list(captioner.encode_images(images))  # code grids need the reranker's VQ-VAE
+    with pytest.raises(ValueError, match="cannot be scored by a t2i export with VQ-VAE"):
+        captioner.caption(grids, reranker=t2i, progress=False)
+
+
+def test_image_scores_of_pictures_and_their_code_grids_agree(pipe):
+    images = [Image.new("RGB", (64, 64), (220, 20, 20)), Image.new("RGB", (64, 64), (20, 20, 220))]
+    scores = pipe.image_scores(images, PROMPTS, progress=False)
+    grids = list(pipe.encode_images(images))
+    assert pipe.image_scores(grids, PROMPTS, progress=False) == pytest.approx(scores, abs=1e-6)
+    assert pipe.image_scores(images[0], PROMPTS[0], progress=False) == pytest.approx(
+        scores[:1], abs=1e-6)
+    assert all(s < 0 for s in scores)  # mean log-probabilities
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        pipe.image_scores(images, [PROMPTS[0], " "], progress=False)
+    with pytest.raises(ValueError, match="got 2 images and 3 prompts"):
+        pipe.image_scores(images, PROMPTS + ["x"], progress=False)
+
+
 def test_load_time_mismatch_names_both_values(exports, tmp_path):
     from cogview import Pipeline
 

@@ -405,3 +405,30 @@ def test_bad_arguments_raise_clear_errors(model):
     with pytest.raises(ValueError, match="a list of prompt Layouts"):
         generate_span(model, prompts[0], "image", 4, VOCAB, greedy=True)
     assert generate_span(model, prompts, "image", 0, VOCAB, greedy=True).shape == (1, 0)
+
+
+def test_repeated_prompts_are_prefilled_once_and_sample_as_alone(model):
+    """Candidate captions of one image: the same prompt on several rows is computed once in
+    the prefill, and every row still draws what it draws alone with its seed."""
+    image = torch.arange(IMAGE_TOKENS) % K
+    prompts = [caption_prompt(VOCAB, image), caption_prompt(VOCAB, image),
+               caption_prompt(VOCAB, (image * 3) % K), caption_prompt(VOCAB, image)]
+    seeds = [3, 4, 5, 6]
+    prefill_rows = []
+    forward = model.forward
+
+    def counting(*args, start_pos=None, **kwargs):
+        if start_pos == 0:
+            prefill_rows.append(args[0].shape[0])
+        return forward(*args, start_pos=start_pos, **kwargs)
+
+    model.forward = counting
+    try:
+        together = generate_span(model, prompts, "text", 6, VOCAB, seeds=seeds)
+    finally:
+        del model.forward
+    assert prefill_rows == [2]  # two distinct prompts for four rows
+    for row, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        alone = generate_span(model, [prompt], "text", 6, VOCAB, seeds=[seed])
+        assert torch.equal(together[row], alone[0]), row
+    assert not torch.equal(together[0], together[1])  # same prompt, other seed

@@ -329,6 +329,29 @@ def check_generate_args(model, vocab: CogViewVocab, span_kind: str, num_tokens: 
         raise ValueError(f"cfg_scale={cfg_scale} is not a number")
 
 
+def shared_prefill(model: GenerativeModel, ids: torch.Tensor, positions: torch.Tensor,
+                   mask: torch.Tensor, max_length: int, device: torch.device) -> torch.Tensor:
+    """Sets up the KV cache for the N left-padded prompt rows [N, L] and fills it -> the last
+    prompt position's hidden state per row [N, C]. Identical rows (the same prompt drawn with
+    several seeds, e.g. candidate captions of one image) are computed once and their keys and
+    values repeated: the prefill costs the distinct prompts, not the rows."""
+    rows = ids.shape[0]
+    unique, inverse = torch.unique(torch.cat([ids, positions, mask.long()], dim=1), dim=0,
+                                   return_inverse=True)
+    shared = unique.shape[0] < rows
+    if shared:
+        length = ids.shape[1]
+        ids, positions, mask = (unique[:, :length], unique[:, length:2 * length],
+                                unique[:, 2 * length:].bool())
+    model.setup_kv_cache(ids.shape[0], max_length, dtype=cache_dtype(model, device), device=device)
+    # batched prefill; the last column is a real token in every (left-padded) row
+    hidden = model(ids, positions, mask, start_pos=0, return_hidden=True)[:, -1]
+    if shared:
+        model.reorder_kv_cache(inverse)
+        hidden = hidden[inverse]
+    return hidden
+
+
 @torch.inference_mode()
 def generate_span(model: GenerativeModel, prompts, span_kind: str | None, num_tokens: int,
                   vocab: CogViewVocab, *, temperature: float = 1.0, top_k: int | None = 200,
@@ -398,10 +421,8 @@ def generate_span(model: GenerativeModel, prompts, span_kind: str | None, num_to
 
     with generation_mode(model):
         if use_kv_cache:
-            model.setup_kv_cache(rows, total, dtype=cache_dtype(model, device), device=device)
-            # Batched prefill; the last column is a real token in every (left-padded) row.
-            hidden = model(ids[:, :prompt_len], positions[:, :prompt_len], mask[:, :prompt_len],
-                           start_pos=0, return_hidden=True)[:, -1]  # (N, C)
+            hidden = shared_prefill(model, ids[:, :prompt_len], positions[:, :prompt_len],
+                                    mask[:, :prompt_len], total, device)  # (N, C)
         for step in range(num_tokens):
             end = prompt_len + step  # tokens known so far
             if not use_kv_cache:
