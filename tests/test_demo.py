@@ -51,13 +51,13 @@ def test_demo_smoke_budget_writes_report_and_reuses_stages(tmp_path, capsys):
 
 @pytest.mark.parametrize("budget", ["smoke", "full", "long"])
 def test_budgets_compose_and_score_at_the_last_step(budget):
-    """Every budget names every stage, and each training stage is scored at its last step
-    (the quality curve ends where the benchmark's model is)."""
+    """Every budget names every stage, and each training stage scored while training is scored
+    at its last step (the quality curve ends where the benchmark's model is)."""
     from cogview.demo import compose_config
 
     demo = compose_config("demo", [f"budget={budget}"])
     assert demo.vqvae.steps > 0 and demo.data.samples > 0
     for task in ("t2i", "caption", "sr"):
         stage = demo[task]
-        assert stage.steps % stage.eval_every == 0, (budget, task)
+        assert stage.eval_every == 0 or stage.steps % stage.eval_every == 0, (budget, task)
         assert stage.warmup_steps < stage.steps
