@@ -160,12 +160,13 @@ def machine_summary() -> dict:
 
 
 def write_report(report_dir: Path, timings: dict, results: dict, pictures: dict,
-                 runs_dir: Path, curves: dict[str, list[dict]]) -> Path:
+                 runs_dir: Path, curves: dict[str, list[dict]],
+                 artifacts_dir: Path = Path("artifacts/demo")) -> Path:
     machine = machine_summary()
     lines = ["# cogview demo on shapes-zh", "",
              f"Every stage on this machine: {machine['cpu']} ({machine['cpu_isa']}, native bf16: "
              f"{'yes' if machine['cpu_native_bf16'] else 'no'}), {machine['threads']} threads, "
-             f"precision {machine['precision']}; models in `artifacts/demo/` "
+             f"precision {machine['precision']}; models in `{artifacts_dir}/` "
              "(`Pipeline.from_pretrained`, `infer.py ckpt=...`).", "",
              "| stage | wall time |", "| --- | --- |"]
     lines += [f"| {name} | {'not recorded' if seconds is None else f'{seconds:.0f} s'} |"
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         {"config": OmegaConf.to_container(demo), "machine": machine_summary(),
          "timings_s": timings, "curves": curves,
          **results}, ensure_ascii=False, indent=1))
-    report = write_report(report_dir, timings, results, pictures, runs_dir, curves)
+    report = write_report(report_dir, timings, results, pictures, runs_dir, curves, artifacts)
     print(f"[demo] report: {report}")
     print(f"[demo] models: {vqvae} (VQ-VAE), " + ", ".join(
         f"{path} ({task})" for task, path in exports.items())

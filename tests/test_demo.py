@@ -26,6 +26,7 @@ def test_demo_smoke_budget_writes_report_and_reuses_stages(tmp_path, capsys):
     assert scores["machine"]["precision"] == auto_precision("cpu")[0]  # the timings' context
     assert scores["machine"]["cpu_isa"] == (cpu.cpu_isa_level() or "unknown")
     assert f"precision {scores['machine']['precision']}" in report
+    assert f"models in `{tmp_path / 'artifacts'}/`" in report  # where this run put them
     assert set(scores["t2i"]) == {"seen", "heldout", "two"}
     for split in scores["t2i"].values():
         assert {"one_sample", "rerank", "caps", "fid", "fid_k", "is"} <= set(split)
@@ -61,3 +62,19 @@ def test_budgets_compose_and_score_at_the_last_step(budget):
         stage = demo[task]
         assert stage.eval_every == 0 or stage.steps % stage.eval_every == 0, (budget, task)
         assert stage.warmup_steps < stage.steps
+
+
+def test_budgets_write_to_their_own_folders():
+    """A finished stage is reused by its folder, so two budgets must never share one: a
+    smoke run before `make demo` would otherwise hand its 20-step t2i model to the default."""
+    from cogview.demo import compose_config
+
+    folders = {}
+    for budget in ("smoke", "full", "long"):
+        demo = compose_config("demo", [f"budget={budget}"])
+        for key in ("artifacts_dir", "report_dir", "runs_dir"):
+            assert demo[key] not in folders, (budget, key, folders.get(demo[key]))
+            folders[demo[key]] = (budget, key)
+    assert compose_config("demo", [])["artifacts_dir"] == "artifacts/demo"  # the README's paths
+    override = compose_config("demo", ["budget=long", "artifacts_dir=elsewhere"])
+    assert override.artifacts_dir == "elsewhere"
