@@ -160,8 +160,7 @@ def machine_summary() -> dict:
 
 
 def write_report(report_dir: Path, timings: dict, results: dict, pictures: dict,
-                 runs_dir: Path, curves: dict[str, list[dict]],
-                 artifacts_dir: Path = Path("artifacts/demo")) -> Path:
+                 runs_dir: Path, curves: dict[str, list[dict]], artifacts_dir: Path) -> Path:
     machine = machine_summary()
     lines = ["# cogview demo on shapes-zh", "",
              f"Every stage on this machine: {machine['cpu']} ({machine['cpu_isa']}, native bf16: "
