@@ -1,6 +1,7 @@
 """The main job on shapes-zh, end to end: ``make demo`` (python -m cogview.demo).
 
-Stages (each reused when its output already exists, so a second run is quick):
+Stages (each reused when its output exists from a run with the same settings, so a second
+run is quick; a changed setting runs that stage and the ones after it again):
 1. train the tiny VQ-VAE                     -> artifacts/demo/vqvae
 2. pretokenize shapes-zh at 64 px            -> artifacts/demo/shards     (t2i and caption)
 3. pretokenize shapes-zh at 128 px, sr=true  -> artifacts/demo/shards-sr
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -40,21 +42,70 @@ ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("cogview.demo")
 
 
-def stage(name: str, done: Path, run) -> float | None:
-    """Runs a stage unless ``done`` exists; returns its wall time, or the time recorded when it
-    ran (``<done's folder>/demo_stage_seconds.json``) when reused, None if never recorded."""
+def stage(name: str, done: Path, run, settings: dict, folders: tuple[Path, ...] = ()) -> float | None:
+    """Runs a stage unless ``done`` exists from a run with the same ``settings``; returns its
+    wall time, or the time recorded when it ran (``<done's folder>/demo_stage_seconds.json``,
+    which also keeps the settings) when reused, None if never recorded.
+
+    ``settings`` are everything the stage's output depends on, its inputs' settings included,
+    so a changed budget value (``caption.steps=900``) runs that stage and the ones after it
+    again. Before running again, ``folders`` (the stage's output and run folders) are moved
+    to ``<folder>.previous`` (replacing an older one), so no model is overwritten in place."""
     record = done.parent / "demo_stage_seconds.json"
+    recorded = json.loads(record.read_text()) if record.is_file() else {}
     if done.exists():
-        recorded = json.loads(record.read_text())["seconds"] if record.is_file() else None
-        print(f"[demo] {name}: reusing {done}")
-        return recorded
+        if "settings" not in recorded:
+            print(f"[demo] {name}: reusing {done} (made before the demo recorded its settings: "
+                  f"delete {done.parent} to run it again)")
+            return recorded.get("seconds")
+        if recorded["settings"] == settings:
+            print(f"[demo] {name}: reusing {done}")
+            return recorded.get("seconds")
+        print(f"[demo] {name}: settings changed since {done.parent} was made "
+              f"({changed_settings(recorded['settings'], settings)}): running it again; the "
+              f"earlier output moves to {done.parent}.previous", flush=True)
+        for folder in folders:
+            if folder.exists():
+                previous = folder.with_name(folder.name + ".previous")
+                shutil.rmtree(previous, ignore_errors=True)
+                folder.rename(previous)
     print(f"[demo] {name} ...", flush=True)
     start = time.perf_counter()
     run()
     seconds = time.perf_counter() - start
-    record.write_text(json.dumps({"stage": name, "seconds": round(seconds, 1)}))
+    done.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"stage": name, "seconds": round(seconds, 1),
+                                  "settings": settings}, ensure_ascii=False, indent=1))
     print(f"[demo] {name}: done in {seconds:.0f} s", flush=True)
     return seconds
+
+
+def changed_settings(old: dict, new: dict, prefix: str = "") -> str:
+    """``key: old -> new`` for every setting that differs (nested keys dotted)."""
+    changes = []
+    for key in sorted(set(old) | set(new), key=str):
+        before, after = old.get(key, "unset"), new.get(key, "unset")
+        if isinstance(before, dict) and isinstance(after, dict):
+            inner = changed_settings(before, after, f"{prefix}{key}.")
+            changes += [inner] if inner else []
+        elif before != after:
+            changes.append(f"{prefix}{key}: {before} -> {after}")
+    return ", ".join(changes)
+
+
+def stage_settings(demo: DictConfig) -> dict[str, dict]:
+    """What each stage's output depends on, its inputs' settings nested in it."""
+    plain = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
+    vqvae = {"vqvae": plain(demo.vqvae), "seed": demo.seed}
+    shards = {"samples": demo.data.samples, "shard_size": demo.data.shard_size,
+              "seed": demo.seed, "vqvae": vqvae}
+    sr_shards = {"samples": demo.data.sr_samples, "shard_size": demo.data.sr_shard_size,
+                 "seed": demo.seed, "vqvae": vqvae}
+    t2i = {"t2i": plain(demo.t2i), "seed": demo.seed,
+           "fixed_image_positions": demo.fixed_image_positions, "shards": shards}
+    return {"vqvae": vqvae, "shards": shards, "shards-sr": sr_shards, "t2i": t2i,
+            "caption": {"caption": plain(demo.caption), "init_from": t2i},
+            "sr": {"sr": plain(demo.sr), "init_from": t2i, "shards": sr_shards}}
 
 
 def train_vqvae(demo: DictConfig, out: Path) -> None:
@@ -204,25 +255,32 @@ def main(argv: list[str] | None = None) -> int:
     report_dir.mkdir(parents=True, exist_ok=True)
     vqvae, shards, sr_shards = artifacts / "vqvae", artifacts / "shards", artifacts / "shards-sr"
     exports = {task: artifacts / task for task in TASKS}
+    settings = stage_settings(demo)
+    runs = {task: runs_dir / task for task in ("vqvae", *TASKS)}
     timings = {
         "VQ-VAE": stage("train the VQ-VAE", vqvae / MODEL_WEIGHTS,
-                        lambda: train_vqvae(demo, vqvae)),
+                        lambda: train_vqvae(demo, vqvae), settings["vqvae"],
+                        (vqvae, runs["vqvae"])),
         "pretokenize 64 px": stage(
             "pretokenize shapes-zh (64 px)", shards / "manifest.json",
             lambda: pretokenize_shapes(demo, vqvae, shards, 64, demo.data.samples,
-                                       demo.data.shard_size)),
+                                       demo.data.shard_size), settings["shards"], (shards,)),
         "pretokenize 128 px (sr)": stage(
             "pretokenize shapes-zh (128 px, sr)", sr_shards / "manifest.json",
             lambda: pretokenize_shapes(demo, vqvae, sr_shards, 128, demo.data.sr_samples,
-                                       demo.data.sr_shard_size, sr=True)),
+                                       demo.data.sr_shard_size, sr=True),
+            settings["shards-sr"], (sr_shards,)),
         "t2i": stage("train t2i", exports["t2i"] / EXPORT_CONFIG,
-                     lambda: train_sequence_task(demo, "t2i", vqvae, shards, exports["t2i"])),
+                     lambda: train_sequence_task(demo, "t2i", vqvae, shards, exports["t2i"]),
+                     settings["t2i"], (exports["t2i"], runs["t2i"])),
         "caption": stage("fine-tune caption from t2i", exports["caption"] / EXPORT_CONFIG,
                          lambda: train_sequence_task(demo, "caption", vqvae, shards,
-                                                     exports["caption"], exports["t2i"])),
+                                                     exports["caption"], exports["t2i"]),
+                         settings["caption"], (exports["caption"], runs["caption"])),
         "sr": stage("fine-tune sr from t2i", exports["sr"] / EXPORT_CONFIG,
                     lambda: train_sequence_task(demo, "sr", vqvae, sr_shards, exports["sr"],
-                                                exports["t2i"])),
+                                                exports["t2i"]),
+                    settings["sr"], (exports["sr"], runs["sr"])),
     }
     start = time.perf_counter()
     print("[demo] evaluate ...", flush=True)

@@ -78,3 +78,55 @@ def test_budgets_write_to_their_own_folders():
     assert compose_config("demo", [])["artifacts_dir"] == "artifacts/demo"  # the README's paths
     override = compose_config("demo", ["budget=long", "artifacts_dir=elsewhere"])
     assert override.artifacts_dir == "elsewhere"
+
+
+def test_stage_reruns_when_its_settings_change(tmp_path, capsys):
+    """A stage is reused only when its output was made with the same settings; otherwise the
+    earlier output moves to <folder>.previous and the stage runs again."""
+    from cogview.demo import stage
+
+    out = tmp_path / "t2i"
+    runs = []
+
+    def run(tag):
+        def write():
+            runs.append(tag)
+            out.mkdir(exist_ok=True)
+            (out / "config.json").write_text(tag)
+        return write
+
+    done = out / "config.json"
+    assert stage("train", done, run("a"), {"steps": 600, "model": {"layers": 6}}, (out,)) >= 0
+    assert stage("train", done, run("b"), {"steps": 600, "model": {"layers": 6}}, (out,)) is not None
+    assert runs == ["a"] and "reusing" in capsys.readouterr().out
+    stage("train", done, run("c"), {"steps": 900, "model": {"layers": 6}}, (out,))
+    message = capsys.readouterr().out
+    assert runs == ["a", "c"] and "steps: 600 -> 900" in message and "layers" not in message
+    assert done.read_text() == "c" and (tmp_path / "t2i.previous" / "config.json").read_text() == "a"
+    stage("train", done, run("d"), {"steps": 900, "model": {"layers": 8}}, (out,))
+    assert "model.layers: 6 -> 8" in capsys.readouterr().out
+    assert (tmp_path / "t2i.previous" / "config.json").read_text() == "c"  # one level kept
+    record = out / "demo_stage_seconds.json"
+    record.write_text(json.dumps({"stage": "train", "seconds": 12.0}))  # an older demo's record
+    assert stage("train", done, run("e"), {"steps": 1}, (out,)) == 12.0
+    assert runs == ["a", "c", "d"] and "before the demo recorded its settings" in capsys.readouterr().out
+
+
+def test_stage_settings_follow_the_stages_inputs():
+    """A changed t2i value reaches caption and sr (fine-tuned from t2i), not the VQ-VAE or the
+    shards; a changed caption value reaches only caption; a changed VQ-VAE value reaches all."""
+    from cogview.demo import compose_config, stage_settings
+
+    base = stage_settings(compose_config("demo", []))
+
+    def changed(override):
+        new = stage_settings(compose_config("demo", [override]))
+        return {name for name in base if base[name] != new[name]}
+
+    assert changed("t2i.lr=0.001") == {"t2i", "caption", "sr"}
+    assert changed("caption.steps=900") == {"caption"}
+    assert changed("sr.steps=60") == {"sr"}
+    assert changed("data.sr_samples=600") == {"shards-sr", "sr"}
+    assert changed("vqvae.steps=100") == set(base)
+    assert changed("report_dir=elsewhere") == set()
+    json.dumps(base)  # recorded as JSON
