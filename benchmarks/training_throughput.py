@@ -14,7 +14,9 @@ with native bf16), one run times on the same t2i batches ([ROI1], a shapes-zh ca
 - ``hf_gpt2``: ``transformers.GPT2LMHeadModel`` with the same layers, width, heads,
   sequence length, batch and vocabulary, trained on the same targets (full vocabulary);
 - ``lightning_span``: ``cogview.tasks.t2i.T2ITask`` under ``lightning.Trainer`` (overhead
-  against the hand-written ``span`` loop).
+  against the hand-written ``span`` loop);
+- ``span_pb_relax_on`` / ``span_pb_relax_off``: ``span`` with the preset's ``pb_relax``
+  flipped (the ``demo`` preset trains without PB-relax, the others with it), the same weights.
 
 Reported per row: seconds per step, tokens/s, and for ``span`` its MFU: the FLOPs of a step
 (6 x (non-embedding params + the output-head rows it computes) x tokens + attention) per
@@ -218,6 +220,10 @@ def measure(preset_name: str, precision: str, args, vqvae_dir: str) -> dict:
     span = build_task(preset, vqvae_dir, args.vocab, "span")
     full = build_task(preset, vqvae_dir, args.vocab, "full")
     full.model.load_state_dict(span.model.state_dict())
+    pb_relax = bool(span.model.config.pb_relax)
+    other_relax = build_task({**preset, "pb_relax": not pb_relax}, vqvae_dir, args.vocab, "span")
+    other_relax.model.load_state_dict(span.model.state_dict())
+    other_name = f"span_pb_relax_{'off' if pb_relax else 'on'}"
     batches = make_batches(span, batch_size, 4, args.image_tokens, args.text_len)
     length = max(b["input_ids"].shape[1] for b in batches)
     gpt2 = hf_gpt2(span, length)
@@ -229,6 +235,8 @@ def measure(preset_name: str, precision: str, args, vqvae_dir: str) -> dict:
                                    args.steps, precision),
         "hf_gpt2": lambda: timed_loop(gpt2, hf_loss(gpt2), batches, args.steps, precision),
         "lightning_span": lambda: lightning_loop(span, batches, args.steps, precision),
+        other_name: lambda: timed_loop(other_relax.model, lambda b: other_relax.losses(b)["loss"],
+                                       batches, args.steps, precision),
     }
     times = {name: [] for name in sides}
     for round_index in range(args.rounds):  # alternate, keep each side's best
@@ -250,6 +258,8 @@ def measure(preset_name: str, precision: str, args, vqvae_dir: str) -> dict:
         "span_speedup_over_full": seconds["full"] / seconds["span"],
         "span_speedup_over_hf_gpt2": seconds["hf_gpt2"] / seconds["span"],
         "lightning_overhead": seconds["lightning_span"] / seconds["span"] - 1.0,
+        "pb_relax": pb_relax,
+        "span_speedup_over_other_pb_relax": seconds[other_name] / seconds["span"],
         "span_step_gflop": span_flops / 1e9,
         "full_step_gflop": sum(step_flops(span, b, "full") for b in batches) / len(batches) / 1e9,
         "matmul_gflops": peak / 1e9,
@@ -261,7 +271,8 @@ def measure(preset_name: str, precision: str, args, vqvae_dir: str) -> dict:
           f"({seconds['full']:.2f} s), HF GPT-2 {row['tokens_per_s']['hf_gpt2']:.0f} "
           f"({seconds['hf_gpt2']:.2f} s): span x{row['span_speedup_over_full']:.2f} over full, "
           f"x{row['span_speedup_over_hf_gpt2']:.2f} over GPT-2; Lightning overhead "
-          f"{row['lightning_overhead']:+.1%}; span MFU {row['span_mfu']:.1%} of a "
+          f"{row['lightning_overhead']:+.1%}; PB-relax {'on' if pb_relax else 'off'}: "
+          f"x{row['span_speedup_over_other_pb_relax']:.2f} over {other_name}; span MFU {row['span_mfu']:.1%} of a "
           f"{row['matmul_gflops']:.0f} GFLOP/s matmul", flush=True)
     return row
 
